@@ -1,0 +1,3 @@
+from cllama_deploy.cli import run
+
+run()
