@@ -1,0 +1,35 @@
+"""Lazy checkpoint readers.
+
+Every reader and the streaming merge expose the same small :class:`TensorSource` interface, which the
+GGUF converter and the deploy pipeline consume: a model is a config plus named tensors read one at a
+time (memory-mapped), never a whole state dict.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+
+@runtime_checkable
+class TensorSource(Protocol):
+    """A LLaMA-family model in HF naming, read tensor by tensor.
+
+    Attributes:
+        config: the HF ``config.json`` content (for a merged source, with ``vocab_size`` updated).
+        tokenizer_dir: directory holding ``tokenizer.model`` (and HF tokenizer files), or None.
+    """
+
+    config: dict
+    tokenizer_dir: Path | None
+
+    def names(self) -> list[str]:
+        """HF tensor names, e.g. ``model.layers.0.self_attn.q_proj.weight``, in file order."""
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Shape of one tensor without reading its data."""
+
+    def get(self, name: str) -> np.ndarray:
+        """The tensor's data: float32 for bf16/f32 storage, float16 for f16 storage."""

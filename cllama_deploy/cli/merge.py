@@ -1,0 +1,9 @@
+"""`cllama-deploy merge`: streaming LoRA merge."""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add this module's commands to the root app."""
