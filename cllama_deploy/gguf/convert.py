@@ -1,0 +1,529 @@
+"""HF LLaMA → GGUF, streaming, on the ``gguf`` package's GGUFWriter.
+
+The output is what llama.cpp's own ``convert_hf_to_gguf.py`` writes for the same LLaMA checkpoint
+(``benchmarks/compare_with_llamacpp.py`` checks that tensor by tensor):
+
+* tensor names from :mod:`cllama_deploy.gguf.names`; q/k projection rows permuted into llama.cpp's
+  rotary layout (:func:`permute_qk`);
+* per-tensor types: 1-D tensors, norms and biases stay F32; every other tensor gets the output type,
+  except that Q8_0 falls back to F16 for rows that are not a multiple of 32;
+* metadata: architecture hyper-parameters (GQA, rope theta and scaling, RMS eps, context length), the
+  SentencePiece vocabulary (``tokenizer.ggml.*``), special ids, add_bos/add_eos, and the Alpaca chat
+  template as ``tokenizer.chat_template``.
+
+Streaming: every tensor's GGUF type and byte size are known from the shapes alone, so the header, the
+key/values and the tensor-info table are written first, then each tensor is read (memory-mapped),
+transformed, quantized and written before the next one is touched. Several output types can be written
+in the same pass (``deploy`` uses that), each tensor being read and merged once. Outputs are atomic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from cllama_deploy.checkpoint import TensorSource
+from cllama_deploy.errors import CheckpointError, ConfigError, ShapeMismatchError
+from cllama_deploy.files import atomic_path
+from cllama_deploy.gguf.names import QK_PERMUTED, ROPE_FREQS, gguf_name
+
+ARCH = "llama"
+
+# --outtype → (general.file_type = llama_ftype, GGML type name of the quantizable tensors)
+OUTTYPES: dict[str, tuple[int, str]] = {
+    "f32": (0, "F32"),  # LLAMA_FTYPE_ALL_F32
+    "f16": (1, "F16"),  # LLAMA_FTYPE_MOSTLY_F16
+    "bf16": (32, "BF16"),  # LLAMA_FTYPE_MOSTLY_BF16
+    "q8_0": (7, "Q8_0"),  # LLAMA_FTYPE_MOSTLY_Q8_0
+}
+
+# GGML_QNT_VERSION written by llama.cpp's converter (general.quantization_version)
+QUANT_VERSION = 2
+
+CHAT_TEMPLATE_CHOICES = "alpaca, alpaca-2, none, or a path to a .jinja file"
+
+
+@dataclass
+class ConvertConfig:
+    """Options of ``cllama-deploy convert``.
+
+    Attributes:
+        model_dir: Hugging Face LLaMA directory (config.json, safetensors or .bin, tokenizer.model).
+        out: output GGUF file.
+        outtype: f32, f16, bf16 or q8_0.
+        chat_template: alpaca (seed v1 prompt), alpaca-2, none, or a path to a Jinja file.
+        name: ``general.name`` (default: the model directory's name).
+        tokenizer: a ``tokenizer.model`` to use instead of the one in ``model_dir``.
+    """
+
+    model_dir: Path
+    out: Path
+    outtype: str = "f16"
+    chat_template: str = "alpaca"
+    name: str | None = None
+    tokenizer: Path | None = None
+    show_progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.model_dir = Path(self.model_dir)
+        self.out = Path(self.out)
+        self.outtype = check_outtype(self.outtype)
+        if not self.model_dir.is_dir():
+            raise ConfigError(f"MODEL_DIR {self.model_dir}: no such directory; pass a Hugging Face model directory")
+        if self.out.is_dir():
+            raise ConfigError(f"--out {self.out} is a directory; give the path of the .gguf file to write")
+        if self.tokenizer is not None:
+            self.tokenizer = Path(self.tokenizer)
+            if not self.tokenizer.is_file():
+                raise ConfigError(f"--tokenizer {self.tokenizer}: no such file; pass a SentencePiece tokenizer.model")
+        resolve_chat_template(self.chat_template)
+
+
+def check_outtype(outtype: str, flag: str = "--outtype") -> str:
+    t = str(outtype).lower()
+    if t not in OUTTYPES:
+        raise ConfigError(f"{flag} {outtype!r} is not supported; choose one of {', '.join(OUTTYPES)} "
+                          "(other types: convert to f16, then `cllama-deploy quantize`)")
+    return t
+
+
+def resolve_chat_template(spec: str | None) -> str | None:
+    """Template text for alpaca / alpaca-2 / a file; None for ``none``."""
+    from cllama_deploy.prompts import load_chat_template
+
+    if spec is None or str(spec).lower() == "none":
+        return None
+    return load_chat_template(str(spec))
+
+
+@dataclass
+class GGUFOutput:
+    """One written GGUF file."""
+
+    path: Path
+    outtype: str
+    size_bytes: int
+    tensor_types: dict[str, int]  # GGML type name → number of tensors
+
+
+@dataclass
+class ConvertResult:
+    """What :func:`convert` / :func:`convert_source` wrote."""
+
+    outputs: list[GGUFOutput]
+    n_tensors: int
+    n_params: int
+    vocab_size: int
+    seconds: float
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def path(self) -> Path:
+        return self.outputs[0].path
+
+
+# -- the LLaMA hyper-parameters -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LlamaParams:
+    n_layers: int
+    hidden: int
+    intermediate: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    head_dim_given: bool
+    context_length: int
+    rms_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    vocab_size: int
+
+
+def _rope_settings(config: dict) -> tuple[float, dict | None]:
+    # transformers >= 5 writes rope_parameters {rope_type, rope_theta, ...}; older ones rope_theta plus
+    # rope_scaling {type|rope_type, factor, ...}.
+    params = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
+    rope_type = params.get("rope_type", params.get("type"))
+    if rope_type in (None, "default"):
+        return float(theta), None
+    params["rope_type"] = rope_type
+    return float(theta), params
+
+
+def llama_params(config: dict, where: str = "config.json") -> LlamaParams:
+    """Read and check the LLaMA hyper-parameters the GGUF needs."""
+    archs = config.get("architectures") or ["LlamaForCausalLM"]
+    model_type = config.get("model_type", "llama")
+    if model_type != "llama" or not any(a in ("LlamaForCausalLM", "LLaMAForCausalLM") for a in archs):
+        raise CheckpointError(
+            f"{where}: model_type={model_type!r}, architectures={archs}: only LLaMA (LlamaForCausalLM) models "
+            "are supported by this converter"
+        )
+
+    def need(key: str) -> int:
+        v = config.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise CheckpointError(f"{where}: '{key}' must be a positive integer, got {v!r}; fix config.json")
+        return v
+
+    hidden, heads, layers = need("hidden_size"), need("num_attention_heads"), need("num_hidden_layers")
+    kv = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or hidden // heads
+    if config.get("head_dim") is None and hidden % heads:
+        raise CheckpointError(f"{where}: hidden_size={hidden} is not divisible by num_attention_heads={heads}")
+    if heads % kv:
+        raise CheckpointError(f"{where}: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv}")
+    if head_dim % 2:
+        raise CheckpointError(f"{where}: the head size {head_dim} is odd; rotary embeddings need an even size")
+    theta, scaling = _rope_settings(config)
+    if scaling is not None and scaling["rope_type"] not in ("linear", "yarn", "llama3"):
+        raise CheckpointError(
+            f"{where}: rope scaling type {scaling['rope_type']!r} is not supported by llama.cpp's LLaMA "
+            "architecture; supported: linear, yarn, llama3 (or none)"
+        )
+    if scaling is not None and scaling["rope_type"] in ("linear", "yarn") and scaling.get("factor") is None:
+        raise CheckpointError(f"{where}: rope scaling {scaling['rope_type']!r} has no 'factor'")
+    return LlamaParams(
+        n_layers=layers, hidden=hidden, intermediate=need("intermediate_size"), n_heads=heads, n_kv_heads=kv,
+        head_dim=head_dim, head_dim_given=config.get("head_dim") is not None,
+        context_length=int(config.get("max_position_embeddings") or 2048),
+        rms_eps=float(config.get("rms_norm_eps", 1e-6)), rope_theta=theta, rope_scaling=scaling,
+        vocab_size=need("vocab_size"),
+    )
+
+
+def permute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Reorder q/k projection rows from HF's rotary layout to llama.cpp's.
+
+    HF LLaMA rotates the two halves of each head (``rotate_half``); llama.cpp's ``rope`` (normal mode)
+    rotates adjacent pairs. Inside each head, row ``2*i + j`` of llama.cpp's layout is row
+    ``j*head_dim/2 + i`` of HF's. ``n_heads`` is the number of heads of this projection (KV heads for k).
+    """
+    rows = w.shape[0]
+    return (w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:])
+            .swapaxes(1, 2).reshape(w.shape))
+
+
+def llama3_rope_factors(p: LlamaParams) -> np.ndarray:
+    """Per-frequency divisors for llama3 rope scaling (the ``rope_freqs.weight`` llama.cpp reads)."""
+    s = p.rope_scaling or {}
+    factor = float(s.get("factor", 8.0))
+    low, high = float(s.get("low_freq_factor", 1.0)), float(s.get("high_freq_factor", 4.0))
+    old_ctx = float(s.get("original_max_position_embeddings", 8192))
+    freqs = 1.0 / (p.rope_theta ** (np.arange(0, p.head_dim, 2, dtype=np.float32) / p.head_dim))
+    out = []
+    for f in freqs:
+        wavelen = 2 * math.pi / f
+        if wavelen < old_ctx / high:
+            out.append(1.0)
+        elif wavelen > old_ctx / low:
+            out.append(factor)
+        else:
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            out.append(1.0 / ((1 - smooth) / factor + smooth))
+    return np.asarray(out, dtype=np.float32)
+
+
+# -- tensor plan ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Tensor:
+    hf: str | None  # None for generated tensors
+    name: str
+    shape: tuple[int, ...]  # numpy order (rows, cols)
+    permute: int = 0  # heads for the q/k permutation, 0: none
+
+
+def _plan_tensors(source: TensorSource, p: LlamaParams) -> list[_Tensor]:
+    plan: list[_Tensor] = []
+    seen: set[str] = set()
+    for hf in source.names():
+        name = gguf_name(hf, p.n_layers)
+        shape = tuple(int(d) for d in source.shape(hf))
+        heads = 0
+        for module, kind in QK_PERMUTED.items():
+            if f".{module}." in hf:
+                heads = p.n_heads if kind == "q" else p.n_kv_heads
+                rows = heads * p.head_dim
+                if shape[0] != rows:
+                    raise ShapeMismatchError(
+                        f"tensor {hf!r} has {shape[0]} rows but config.json implies {rows} "
+                        f"({heads} heads × head size {p.head_dim}); fix num_attention_heads/num_key_value_heads"
+                    )
+        plan.append(_Tensor(hf, name, shape, heads))
+        seen.add(name)
+    required = ["token_embd.weight", "output_norm.weight"]
+    for i in range(p.n_layers):
+        required += [f"blk.{i}.{t}.weight" for t in ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
+                                                      "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")]
+    missing = [n for n in required if n not in seen]
+    if missing:
+        raise CheckpointError(
+            f"the checkpoint lacks {len(missing)} tensor(s) a LLaMA model needs (GGUF names: "
+            f"{', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}); the weights are incomplete"
+        )
+    embd = next(t for t in plan if t.name == "token_embd.weight")
+    if embd.shape[0] != p.vocab_size:
+        raise ShapeMismatchError(
+            f"config.json vocab_size={p.vocab_size} but model.embed_tokens.weight has {embd.shape[0]} rows; "
+            f"set vocab_size to {embd.shape[0]}"
+        )
+    out = next((t for t in plan if t.name == "output.weight"), None)
+    if out is not None and out.shape[0] != embd.shape[0]:
+        raise ShapeMismatchError(
+            f"lm_head.weight has {out.shape[0]} rows but model.embed_tokens.weight has {embd.shape[0]}; "
+            "resize both (model.resize_token_embeddings) and save again"
+        )
+    if p.rope_scaling is not None and p.rope_scaling["rope_type"] == "llama3":
+        plan.insert(0, _Tensor(None, ROPE_FREQS, (p.head_dim // 2,)))
+    return plan
+
+
+def tensor_type(name: str, shape: tuple[int, ...], outtype: str) -> str:
+    """The GGML type llama.cpp's converter gives a tensor for an output type."""
+    if len(shape) <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight"):
+        return "F32"
+    qtype = OUTTYPES[outtype][1]
+    if qtype == "Q8_0" and shape[-1] % 32:
+        return "F16"  # Q8_0 blocks are 32 values of one row
+    return qtype
+
+
+def _nbytes(shape: tuple[int, ...], qtype: str) -> int:
+    import gguf
+
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]
+    n = int(np.prod(shape, dtype=np.int64))
+    return n // block * size
+
+
+def _encode(data: np.ndarray, qtype: str) -> np.ndarray:
+    import gguf
+
+    if qtype == "F32":
+        return np.ascontiguousarray(data, dtype=np.float32)
+    if qtype == "F16":
+        return np.ascontiguousarray(data, dtype=np.float16)
+    return gguf.quants.quantize(np.ascontiguousarray(data), gguf.GGMLQuantizationType[qtype])
+
+
+# -- vocabulary ----------------------------------------------------------------------------------------
+
+@dataclass
+class Vocab:
+    tokens: list[bytes]
+    scores: list[float]
+    token_types: list[int]
+    special_ids: dict[str, int]  # bos, eos, unk, pad (only those that exist)
+    add_bos: bool
+    add_eos: bool
+
+
+def load_vocab(tokenizer_dir: Path | None, vocab_size: int, tokenizer_model: Path | None = None) -> Vocab:
+    """The GGUF vocabulary of a SentencePiece LLaMA tokenizer (pieces, scores, types, special ids).
+
+    Raises:
+        TokenizerError / ShapeMismatchError: no tokenizer, or its size disagrees with the model.
+    """
+    from cllama_deploy.errors import TokenizerError
+    from cllama_deploy.tokenizer.gguf_vocab import gguf_vocab_from_sp
+
+    model = tokenizer_model
+    if model is None:
+        if tokenizer_dir is None or not (Path(tokenizer_dir) / "tokenizer.model").is_file():
+            raise TokenizerError(
+                "no tokenizer.model next to the model (or in the last adapter); copy the SentencePiece "
+                "tokenizer.model into the model directory or pass --tokenizer"
+            )
+        model = Path(tokenizer_dir) / "tokenizer.model"
+    v = gguf_vocab_from_sp(model, vocab_size=vocab_size)
+    vocab = Vocab(tokens=list(v.tokens), scores=list(v.scores), token_types=list(v.token_types),
+                  special_ids=dict(v.special_ids), add_bos=bool(v.add_bos), add_eos=bool(v.add_eos))
+    if len(vocab.tokens) != vocab_size:
+        raise ShapeMismatchError(
+            f"{model}: the tokenizer has {len(vocab.tokens)} tokens but the model's vocabulary has {vocab_size} "
+            "rows; use the tokenizer the model was trained with"
+        )
+    return vocab
+
+
+# -- metadata ------------------------------------------------------------------------------------------
+
+def _metadata(p: LlamaParams, vocab: Vocab, ftype: int, name: str, chat_template: str | None) -> list[tuple]:
+    """(key, value, GGUFValueType name) rows in the order llama.cpp's converter writes them."""
+    rows: list[tuple] = [
+        ("general.type", "model", "STRING"),
+        ("general.name", name, "STRING"),
+        (f"{ARCH}.block_count", p.n_layers, "UINT32"),
+        (f"{ARCH}.context_length", p.context_length, "UINT32"),
+        (f"{ARCH}.embedding_length", p.hidden, "UINT32"),
+        (f"{ARCH}.feed_forward_length", p.intermediate, "UINT32"),
+        (f"{ARCH}.attention.head_count", p.n_heads, "UINT32"),
+        (f"{ARCH}.attention.head_count_kv", p.n_kv_heads, "UINT32"),
+    ]
+    s = p.rope_scaling
+    if s is not None and s["rope_type"] == "linear":
+        rows += [(f"{ARCH}.rope.scaling.type", "linear", "STRING"),
+                 (f"{ARCH}.rope.scaling.factor", float(s["factor"]), "FLOAT32")]
+    elif s is not None and s["rope_type"] == "yarn":
+        rows += [(f"{ARCH}.rope.scaling.type", "yarn", "STRING"),
+                 (f"{ARCH}.rope.scaling.factor", float(s["factor"]), "FLOAT32"),
+                 (f"{ARCH}.rope.scaling.original_context_length",
+                  int(s.get("original_max_position_embeddings") or p.context_length), "UINT32")]
+        for hf_key, key in (("extrapolation_factor", "yarn_ext_factor"), ("attention_factor", "yarn_attn_factor"),
+                            ("beta_fast", "yarn_beta_fast"), ("beta_slow", "yarn_beta_slow")):
+            if s.get(hf_key) is not None:
+                rows.append((f"{ARCH}.rope.scaling.{key}", float(s[hf_key]), "FLOAT32"))
+    rows += [
+        (f"{ARCH}.rope.freq_base", float(p.rope_theta), "FLOAT32"),
+        (f"{ARCH}.attention.layer_norm_rms_epsilon", float(p.rms_eps), "FLOAT32"),
+    ]
+    if p.head_dim_given:
+        rows += [(f"{ARCH}.attention.key_length", p.head_dim, "UINT32"),
+                 (f"{ARCH}.attention.value_length", p.head_dim, "UINT32")]
+    rows += [
+        ("general.file_type", ftype, "UINT32"),
+        (f"{ARCH}.vocab_size", p.vocab_size, "UINT32"),
+        (f"{ARCH}.rope.dimension_count", p.head_dim, "UINT32"),
+        ("general.quantization_version", QUANT_VERSION, "UINT32"),
+        ("tokenizer.ggml.model", "llama", "STRING"),
+        ("tokenizer.ggml.pre", "default", "STRING"),
+        ("tokenizer.ggml.tokens", vocab.tokens, "ARRAY"),
+        ("tokenizer.ggml.scores", [float(x) for x in vocab.scores], "ARRAY"),
+        ("tokenizer.ggml.token_type", [int(x) for x in vocab.token_types], "ARRAY"),
+    ]
+    for kind, key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("unk", "unknown_token_id"),
+                      ("pad", "padding_token_id")):
+        if kind in vocab.special_ids and vocab.special_ids[kind] is not None and vocab.special_ids[kind] >= 0:
+            rows.append((f"tokenizer.ggml.{key}", int(vocab.special_ids[kind]), "UINT32"))
+    rows += [("tokenizer.ggml.add_bos_token", bool(vocab.add_bos), "BOOL"),
+             ("tokenizer.ggml.add_eos_token", bool(vocab.add_eos), "BOOL")]
+    if chat_template:
+        rows.append(("tokenizer.chat_template", chat_template, "STRING"))
+    return rows
+
+
+def _new_writer(rows: list[tuple], plan: list[_Tensor], outtype: str):
+    import gguf
+
+    w = gguf.GGUFWriter(path=None, arch=ARCH)
+    for key, value, vtype in rows:
+        if vtype == "ARRAY":
+            w.add_array(key, value)
+        else:
+            w.add_key_value(key, value, gguf.GGUFValueType[vtype])
+    types: dict[str, str] = {}
+    for t in plan:
+        qtype = tensor_type(t.name, t.shape, outtype)
+        types[t.name] = qtype
+        # element shape + raw_dtype: the writer stores the shape as is (not a byte shape)
+        w.add_tensor_info(t.name, t.shape, np.dtype(np.float32), _nbytes(t.shape, qtype),
+                          raw_dtype=gguf.GGMLQuantizationType[qtype])
+    return w, types
+
+
+# -- conversion ----------------------------------------------------------------------------------------
+
+def convert_source(source: TensorSource, outputs: Sequence[tuple[str | Path, str]], *, name: str = "model",
+                   chat_template: str | None = "alpaca", tokenizer_model: Path | None = None,
+                   show_progress: bool = True) -> ConvertResult:
+    """Write one GGUF per ``(path, outtype)`` from a :class:`TensorSource`, reading each tensor once.
+
+    Args:
+        source: the model (an HF checkpoint from ``open_hf`` or ``merged_source``).
+        outputs: ``[(path, "f16"), (path2, "q8_0"), ...]``; each path is written atomically.
+        name: ``general.name``.
+        chat_template: alpaca, alpaca-2, a Jinja file path, or None / "none" to write none.
+        tokenizer_model: a ``tokenizer.model`` to use instead of ``source.tokenizer_dir``'s.
+        show_progress: draw a progress bar on stderr.
+
+    Raises:
+        CheckpointError / ShapeMismatchError / TokenizerError: the model or tokenizer is unusable.
+    """
+    t0 = time.perf_counter()
+    if not outputs:
+        raise ConfigError("no output requested")
+    outs = [(Path(p), check_outtype(t)) for p, t in outputs]
+    template = resolve_chat_template(chat_template)
+    p = llama_params(source.config)
+    plan = _plan_tensors(source, p)
+    vocab = load_vocab(source.tokenizer_dir, p.vocab_size, tokenizer_model)
+
+    writers = []
+    for path, outtype in outs:
+        rows = _metadata(p, vocab, OUTTYPES[outtype][0], name, template)
+        writers.append((path, outtype, *_new_writer(rows, plan, outtype)))
+
+    n_params = sum(int(np.prod(t.shape)) for t in plan)
+    total_bytes = sum(int(np.prod(t.shape)) for t in plan)
+    with contextlib.ExitStack() as stack:
+        tmp_paths = [stack.enter_context(atomic_path(path)) for path, *_ in writers]
+        for tmp, (_, _, w, _) in zip(tmp_paths, writers):
+            w.write_header_to_file(path=tmp)
+            w.write_kv_data_to_file()
+            w.write_ti_data_to_file()
+        bar = stack.enter_context(_progress(show_progress))
+        task = bar.add_task("convert", total=total_bytes) if bar else None
+        for t in plan:
+            if t.hf is None:
+                data = llama3_rope_factors(p)
+            else:
+                data = source.get(t.hf)
+                if data.dtype not in (np.float32, np.float16):
+                    data = data.astype(np.float32)
+                if tuple(data.shape) != t.shape:
+                    raise ShapeMismatchError(f"tensor {t.hf!r}: shape {list(data.shape)} differs from the "
+                                             f"announced {list(t.shape)}; the checkpoint is inconsistent")
+                if t.permute:
+                    data = permute_qk(data, t.permute)
+            for _, _, w, types in writers:
+                w.write_tensor_data(_encode(data, types[t.name]))
+            del data
+            if bar:
+                bar.update(task, advance=int(np.prod(t.shape)))
+        for _, _, w, _ in writers:
+            w.close()
+
+    results = []
+    for path, outtype, _, types in writers:
+        counts: dict[str, int] = {}
+        for q in types.values():
+            counts[q] = counts.get(q, 0) + 1
+        results.append(GGUFOutput(path=path, outtype=outtype, size_bytes=path.stat().st_size, tensor_types=counts))
+    return ConvertResult(outputs=results, n_tensors=len(plan), n_params=n_params, vocab_size=p.vocab_size,
+                         seconds=time.perf_counter() - t0)
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool):
+    if not enabled:
+        yield None
+        return
+    from cllama_deploy.progress import progress
+
+    with progress(transient=True) as bar:
+        yield bar
+
+
+def convert(config: ConvertConfig) -> ConvertResult:
+    """Convert an HF LLaMA directory to GGUF (``cllama-deploy convert``).
+
+    Raises:
+        ConfigError: bad options. CheckpointError / ShapeMismatchError / TokenizerError: unusable input.
+    """
+    from cllama_deploy.merge import merged_source
+
+    # merged_source with no adapters = the checkpoint itself, after every invariant check
+    # (vocab_size = embedding rows = lm_head rows = tokenizer tokens, head counts).
+    source = merged_source(config.model_dir, [], check_tokenizer=config.tokenizer is None)
+    return convert_source(source, [(config.out, config.outtype)], name=config.name or config.model_dir.name,
+                          chat_template=config.chat_template, tokenizer_model=config.tokenizer,
+                          show_progress=config.show_progress)
