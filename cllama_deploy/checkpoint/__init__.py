@@ -32,4 +32,15 @@ class TensorSource(Protocol):
         """Shape of one tensor without reading its data."""
 
     def get(self, name: str) -> np.ndarray:
-        """The tensor's data: float32 for bf16/f32 storage, float16 for f16 storage."""
+        """The tensor's data: float32 for bf16/f32 storage (and for tensors a merge changed), float16 for
+        f16 storage. It may be a read-only memory-mapped view: copy it before modifying it in place."""
+
+    # Optional, implemented by every source in this package: ``dtype(name)`` gives the storage dtype
+    # (``"F32"``, ``"F16"``, ``"BF16"``) without reading data.
+
+
+# Readers (imported after TensorSource, which they refer to).
+from cllama_deploy.checkpoint.hf import HFCheckpoint, open_hf  # noqa: E402
+from cllama_deploy.checkpoint.peft import LoraAdapter, LoraPair, open_adapter  # noqa: E402
+
+__all__ = ["TensorSource", "HFCheckpoint", "open_hf", "LoraAdapter", "LoraPair", "open_adapter"]
