@@ -317,24 +317,17 @@ def _encode(data: np.ndarray, qtype: str) -> np.ndarray:
 
 # -- vocabulary ----------------------------------------------------------------------------------------
 
-@dataclass
-class Vocab:
-    tokens: list[bytes]
-    scores: list[float]
-    token_types: list[int]
-    special_ids: dict[str, int]  # bos, eos, unk, pad (only those that exist)
-    add_bos: bool
-    add_eos: bool
-
-
-def load_vocab(tokenizer_dir: Path | None, vocab_size: int, tokenizer_model: Path | None = None) -> Vocab:
-    """The GGUF vocabulary of a SentencePiece LLaMA tokenizer (pieces, scores, types, special ids).
+def load_vocab(tokenizer_dir: Path | None, config: dict, tokenizer_model: Path | None = None):
+    """The GGUF vocabulary of a SentencePiece LLaMA tokenizer, as llama.cpp's converter builds it
+    (:func:`cllama_deploy.tokenizer.gguf_vocab.gguf_vocab_from_sp`), with the special ids and BOS/EOS
+    flags llama.cpp would otherwise assume written explicitly.
 
     Raises:
-        TokenizerError / ShapeMismatchError: no tokenizer, or its size disagrees with the model.
+        TokenizerError: no tokenizer, or more tokenizer pieces than embedding rows.
     """
     from cllama_deploy.errors import TokenizerError
     from cllama_deploy.tokenizer.gguf_vocab import gguf_vocab_from_sp
+    from cllama_deploy.tokenizer.spm import processor
 
     model = tokenizer_model
     if model is None:
@@ -344,9 +337,22 @@ def load_vocab(tokenizer_dir: Path | None, vocab_size: int, tokenizer_model: Pat
                 "tokenizer.model into the model directory or pass --tokenizer"
             )
         model = Path(tokenizer_dir) / "tokenizer.model"
-    v = gguf_vocab_from_sp(model, vocab_size=vocab_size)
-    vocab = Vocab(tokens=list(v.tokens), scores=list(v.scores), token_types=list(v.token_types),
-                  special_ids=dict(v.special_ids), add_bos=bool(v.add_bos), add_eos=bool(v.add_eos))
+    vocab_size = int(config["vocab_size"])
+    hf_dir = Path(model).parent if tokenizer_model is None else None
+    vocab = gguf_vocab_from_sp(model, vocab_size=vocab_size, hf_dir=hf_dir)
+    # what gguf.SpecialVocab would take from the model's config.json (the tokenizer may live in an
+    # adapter directory without one), then the SentencePiece model's own ids
+    sp = processor(model)
+    for typ, sp_id in (("bos", sp.bos_id()), ("eos", sp.eos_id()), ("unk", sp.unk_id()), ("pad", None)):
+        if getattr(vocab, f"{typ}_id") is None:
+            tid = config.get(f"{typ}_token_id")
+            if not (isinstance(tid, int) and 0 <= tid < vocab_size):
+                tid = sp_id if sp_id is not None and 0 <= sp_id < vocab_size else None
+            setattr(vocab, f"{typ}_id", tid)
+    if vocab.add_bos is None:
+        vocab.add_bos = True  # llama.cpp's default for SentencePiece vocabularies
+    if vocab.add_eos is None:
+        vocab.add_eos = False
     if len(vocab.tokens) != vocab_size:
         raise ShapeMismatchError(
             f"{model}: the tokenizer has {len(vocab.tokens)} tokens but the model's vocabulary has {vocab_size} "
@@ -357,7 +363,7 @@ def load_vocab(tokenizer_dir: Path | None, vocab_size: int, tokenizer_model: Pat
 
 # -- metadata ------------------------------------------------------------------------------------------
 
-def _metadata(p: LlamaParams, vocab: Vocab, ftype: int, name: str, chat_template: str | None) -> list[tuple]:
+def _metadata(p: LlamaParams, vocab, ftype: int, name: str, chat_template: str | None) -> list[tuple]:
     """(key, value, GGUFValueType name) rows in the order llama.cpp's converter writes them."""
     rows: list[tuple] = [
         ("general.type", "model", "STRING"),
@@ -400,10 +406,16 @@ def _metadata(p: LlamaParams, vocab: Vocab, ftype: int, name: str, chat_template
         ("tokenizer.ggml.scores", [float(x) for x in vocab.scores], "ARRAY"),
         ("tokenizer.ggml.token_type", [int(x) for x in vocab.token_types], "ARRAY"),
     ]
-    for kind, key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("unk", "unknown_token_id"),
-                      ("pad", "padding_token_id")):
-        if kind in vocab.special_ids and vocab.special_ids[kind] is not None and vocab.special_ids[kind] >= 0:
-            rows.append((f"tokenizer.ggml.{key}", int(vocab.special_ids[kind]), "UINT32"))
+    if vocab.add_space_prefix is not None:
+        rows.append(("tokenizer.ggml.add_space_prefix", bool(vocab.add_space_prefix), "BOOL"))
+    if vocab.remove_extra_whitespaces is not None:
+        rows.append(("tokenizer.ggml.remove_extra_whitespaces", bool(vocab.remove_extra_whitespaces), "BOOL"))
+    special_keys = {"bos": "bos_token_id", "eos": "eos_token_id", "unk": "unknown_token_id",
+                    "pad": "padding_token_id", "sep": "seperator_token_id", "cls": "cls_token_id",
+                    "mask": "mask_token_id"}  # "seperator" is llama.cpp's spelling of the key
+    for kind, tid in vocab.special_ids.items():
+        if kind in special_keys and tid is not None and tid >= 0:
+            rows.append((f"tokenizer.ggml.{special_keys[kind]}", int(tid), "UINT32"))
     rows += [("tokenizer.ggml.add_bos_token", bool(vocab.add_bos), "BOOL"),
              ("tokenizer.ggml.add_eos_token", bool(vocab.add_eos), "BOOL")]
     if chat_template:
@@ -455,7 +467,7 @@ def convert_source(source: TensorSource, outputs: Sequence[tuple[str | Path, str
     template = resolve_chat_template(chat_template)
     p = llama_params(source.config)
     plan = _plan_tensors(source, p)
-    vocab = load_vocab(source.tokenizer_dir, p.vocab_size, tokenizer_model)
+    vocab = load_vocab(source.tokenizer_dir, source.config, tokenizer_model)
 
     writers = []
     for path, outtype in outs:
