@@ -1,9 +1,41 @@
-"""`cllama-deploy` quickstart commands."""
+"""`cllama-deploy quickstart`: the embedded default end to end (see cllama_deploy.quickstart.run)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import typer
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the root app."""
+
+    @app.command("quickstart")
+    def quickstart_cmd(
+        out: Path = typer.Option(Path("demo-out"), "--out", "-o",
+                                 help="Output directory (created; a previous quickstart output is replaced)."),
+        zh_lines: int = typer.Option(4000, "--zh-lines", help="Lines of synthetic Chinese to train on."),
+        en_lines: int = typer.Option(3000, "--en-lines", help="Lines of synthetic English for the base tokenizer."),
+        seed: int = typer.Option(0, "--seed", help="Seed of the generated text."),
+    ) -> None:
+        """Run the embedded default on generated text: train a base and a Chinese tokenizer, merge, compare."""
+        from rich.console import Console
+        from rich.table import Table
+
+        from cllama_deploy.quickstart.run import QuickstartConfig, run_quickstart
+
+        r = run_quickstart(QuickstartConfig(out=out, zh_lines=zh_lines, en_lines=en_lines, seed=seed))
+        table = Table(title=f"quickstart output in {r.out} ({r.seconds:.1f}s)")
+        table.add_column("what")
+        table.add_column("path")
+        for what, path in r.files.items():
+            table.add_row(what, str(path))
+        console = Console()
+        console.print(table)
+        zh, en = r.stats["files"][0], r.stats["files"][1]
+        parity = (f"AutoTokenizer = SentencePiece on {r.parity['lines']} held-out lines"
+                  if r.parity.get("checked") else "HF parity not checked (transformers not installed)")
+        console.print(
+            f"added {r.added_pieces} Chinese pieces -> {r.total_pieces}; held-out Chinese needs "
+            f"{zh['ratio']:.2f}x fewer tokens ({zh['base_tokens']} -> {zh['tokens']}), English {en['ratio']:.2f}x; {parity}"
+        )

@@ -9,6 +9,7 @@ digits and the odd emoji.
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 ZH_WORDS = (
     "我们 你们 他们 今天 明天 昨天 时间 中国 北京 上海 学习 工作 生活 朋友 老师 学生 学校 大学 "
@@ -64,3 +65,10 @@ def chinese_lines(n: int, seed: int = 0) -> list[str]:
 def english_lines(n: int, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     return [" ".join(english_sentence(rng) for _ in range(rng.randint(1, 3))) for _ in range(n)]
+
+
+def write_lines(path, lines) -> Path:
+    """Write ``lines`` (one per line, UTF-8) atomically to ``path``; returns the path."""
+    from cllama_deploy.files import write_text_atomic
+
+    return write_text_atomic(Path(path), "".join(line + "\n" for line in lines))

@@ -174,20 +174,24 @@ def tokenizer_stats(config: StatsConfig) -> StatsResult:
     )
 
 
-def stats_table(result: StatsResult):
+def stats_table(result: StatsResult, labels: tuple[str, str] | None = None):
     """A Rich table of the result (one row per file, plus a total row when several files)."""
+    from rich import box
     from rich.table import Table
 
-    table = Table(title=f"A = {result.base} ({result.base_pieces} pieces)   B = {result.tokenizer} ({result.pieces} pieces)")
-    for col in ("file", "lines", "chars", "Han chars", "A tok/char", "B tok/char", "A tok/Han", "B tok/Han",
-                "A tokens", "B tokens", "A/B"):
-        table.add_column(col, justify="left" if col == "file" else "right")
+    a, b = labels or (result.base, result.tokenizer)
+    table = Table(title=f"A = {a} ({result.base_pieces} pieces)\nB = {b} ({result.pieces} pieces)",
+                  box=box.SIMPLE_HEAD)
+    table.add_column("file", no_wrap=True, min_width=12)
+    for col in ("lines", "A tok/char", "B tok/char", "A tok/Han", "B tok/Han", "A/B"):
+        table.add_column(col, justify="right")
     rows = list(result.files) + ([result.total] if len(result.files) > 1 else [])
     for st in rows:
         table.add_row(
-            Path(st.file).name if st.file != "(all)" else st.file, str(st.lines), str(st.chars), str(st.han_chars),
+            Path(st.file).name if st.file != "(all)" else st.file, str(st.lines),
             f"{st.per_char(st.base_tokens):.3f}", f"{st.per_char(st.tokens):.3f}",
-            f"{st.per_han(st.base_tokens):.3f}", f"{st.per_han(st.tokens):.3f}",
-            str(st.base_tokens), str(st.tokens), f"{st.ratio:.2f}×",
+            f"{st.per_han(st.base_tokens):.3f}" if st.han_chars else "-",
+            f"{st.per_han(st.tokens):.3f}" if st.han_chars else "-",
+            f"{st.ratio:.2f}x",
         )
     return table

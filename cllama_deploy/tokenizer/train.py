@@ -199,8 +199,11 @@ def train_tokenizer(config: TrainConfig) -> TrainResult:
             )
         except RuntimeError as exc:
             message = str(exc).strip().splitlines()[-1] if str(exc).strip() else repr(exc)
+            low = message.lower()
             hint = ""
-            if "vocab" in message.lower():
+            if "required_chars" in low:
+                hint = "; raise --vocab-size or lower --character-coverage"
+            elif "vocab" in low:
                 hint = "; lower --vocab-size or give more text"
             raise TokenizerError(f"SentencePiece training failed: {message}{hint}") from exc
     data = buffer.getvalue()
