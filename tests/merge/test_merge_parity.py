@@ -35,13 +35,16 @@ def logits(model, ids=IDS):
         return model(torch.tensor(ids)).logits.numpy()
 
 
-def assert_same_logits(out_dir, ref_model, atol=1e-4):
+def assert_same_logits(out_dir, ref_model, rel=1e-5):
+    """Logits of the merged HF directory equal the reference's within ``rel`` of the largest logit
+    (the weights agree to float32 rounding; random tiny models amplify it a little)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     ours = AutoModelForCausalLM.from_pretrained(str(out_dir), dtype=torch.float32).eval()
     assert ours.config.vocab_size == ref_model.config.vocab_size
-    np.testing.assert_allclose(logits(ours), logits(ref_model), atol=atol, rtol=0)
+    got, want = logits(ours), logits(ref_model)
+    assert np.abs(got - want).max() <= rel * np.abs(want).max()
 
 
 def test_one_adapter_mha(mha_case, tmp_path):
