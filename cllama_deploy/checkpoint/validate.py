@@ -19,11 +19,11 @@ VOCAB_TENSORS = (EMBED, LM_HEAD)
 
 
 def check_config(config: dict, where: Path | str) -> None:
-    """Head counts must divide: ``hidden_size % num_attention_heads == 0`` (unless ``head_dim`` is given)
-    and ``num_attention_heads % num_key_value_heads == 0``."""
+    """Head counts must divide: ``hidden_size % num_attention_heads == 0`` and
+    ``num_attention_heads % num_key_value_heads == 0``."""
     hidden, heads = config["hidden_size"], config["num_attention_heads"]
     kv = config.get("num_key_value_heads") or heads
-    if config.get("head_dim") is None and hidden % heads:
+    if hidden % heads:
         raise CheckpointError(
             f"{where}: hidden_size={hidden} is not divisible by num_attention_heads={heads}; "
             "fix config.json (the head size must be a whole number)"
