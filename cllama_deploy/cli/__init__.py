@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Optional
-
 import click
 import typer
 
@@ -36,8 +34,8 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: Optional[bool] = typer.Option(
-        None, "--version", callback=_version, is_eager=True, help="Show the version and exit."
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Show the version and exit."
     ),
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
 ) -> None:
@@ -63,8 +61,8 @@ _register()
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point; returns the process exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if "--debug" in args:
-        _state["debug"] = True
+    # per call, so one --debug run (e.g. in a test process) does not leak into the next
+    _state["debug"] = bool(os.environ.get("CLLAMA_DEBUG")) or "--debug" in args
     try:
         app(args=args, prog_name="cllama-deploy", standalone_mode=False)
     except CllamaError as exc:
