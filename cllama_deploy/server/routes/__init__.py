@@ -1,0 +1,1 @@
+"""HTTP routes. Thin: parse (pydantic), call a handler or the engine, return."""

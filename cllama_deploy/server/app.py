@@ -1,0 +1,87 @@
+"""``create_app(settings, engine)``: the FastAPI application.
+
+The engine (or several, in a :class:`~cllama_deploy.engine.registry.ModelRegistry`) lives on
+``app.state``; nothing is global, so tests can run several apps in one process.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+from typing import Callable, Iterable, Optional, Union
+
+from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
+
+from cllama_deploy import __version__
+from cllama_deploy.engine.base import Engine
+from cllama_deploy.engine.registry import ModelRegistry
+from cllama_deploy.server.errors import install_error_handlers
+from cllama_deploy.server.metrics import Metrics
+from cllama_deploy.server.middleware import OperabilityMiddleware
+from cllama_deploy.server.settings import Settings
+
+log = logging.getLogger("cllama_deploy.server")
+
+
+def create_app(settings: Settings, engine: Union[Engine, ModelRegistry, Iterable[Engine], None] = None,
+               *, loaders: Optional[list[Callable[[], Engine]]] = None) -> FastAPI:
+    """Build the app.
+
+    Args:
+        settings: server settings (API keys, limits, CORS, ...).
+        engine: a loaded engine, several engines, or a :class:`ModelRegistry`. None with ``loaders``
+            starts empty: the app answers 503 until the loaders (run in a thread at startup) finish.
+        loaders: blocking callables returning engines, run when the app starts.
+    """
+    if isinstance(engine, ModelRegistry):
+        registry = engine
+    elif engine is None:
+        registry = ModelRegistry()
+    elif hasattr(engine, "info"):
+        registry = ModelRegistry([engine])
+    else:
+        registry = ModelRegistry(list(engine))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        import asyncio
+
+        task = asyncio.create_task(registry.load(loaders)) if loaders else None
+        try:
+            yield
+        finally:
+            if task is not None and not task.done():
+                task.cancel()
+            # uvicorn has already let in-flight requests finish (graceful shutdown). Engines the app
+            # loaded itself are closed here; engines passed in belong to the caller.
+            if loaders:
+                await registry.aclose()
+
+    app = FastAPI(
+        title="cllama-deploy",
+        version=__version__,
+        description="OpenAI-compatible API over llama.cpp. Errors are OpenAI error objects.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.registry = registry
+    app.state.metrics = Metrics(registry.engines)
+
+    from cllama_deploy.server.routes import extras, openai, system
+
+    app.include_router(openai.router)
+    app.include_router(extras.router)
+    app.include_router(system.router)
+    app.mount("/static", StaticFiles(directory=str(system.WEB_DIR)), name="static")
+    install_error_handlers(app)
+
+    app.add_middleware(OperabilityMiddleware, api_keys=settings.api_keys,
+                       max_body_bytes=settings.max_body_bytes, access_log_enabled=settings.access_log,
+                       metrics=app.state.metrics)
+    if settings.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
+                           allow_headers=["*"], expose_headers=["x-request-id"])
+    return app

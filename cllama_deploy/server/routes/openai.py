@@ -1,0 +1,61 @@
+"""OpenAI-compatible routes under /v1."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from cllama_deploy.server import handlers
+from cllama_deploy.server.protocol import (
+    ERROR_RESPONSES,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    ModelCard,
+    ModelList,
+)
+
+router = APIRouter(prefix="/v1", tags=["OpenAI"], responses=ERROR_RESPONSES)
+
+
+def _card(engine) -> dict:
+    info = engine.info
+    return {"id": info.id, "object": "model", "created": info.created, "owned_by": "cllama-deploy",
+            "meta": {"n_ctx": info.n_ctx, "n_ctx_train": info.n_ctx_train, "n_vocab": info.n_vocab,
+                     "n_embd": info.n_embd, "chat_template": info.chat_template_source}}
+
+
+@router.get("/models", response_model=ModelList, summary="List the served models")
+async def list_models(request: Request):
+    registry = request.app.state.registry
+    if not registry.ready:
+        registry.get(None)  # raises: 503 while loading
+    return {"object": "list", "data": [_card(e) for e in registry.engines()]}
+
+
+@router.get("/models/{model_id:path}", response_model=ModelCard, summary="Describe one model")
+async def get_model(model_id: str, request: Request):
+    return _card(request.app.state.registry.get(model_id))
+
+
+@router.post("/chat/completions", response_model=ChatCompletionResponse,
+             summary="Chat completion (stream: true for server-sent events)")
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    request.state.endpoint = "/v1/chat/completions"
+    return await handlers.chat_completion(request, body)
+
+
+@router.post("/completions", response_model=CompletionResponse,
+             summary="Text completion (stream: true for server-sent events)")
+async def completions(body: CompletionRequest, request: Request):
+    request.state.endpoint = "/v1/completions"
+    return await handlers.completion(request, body)
+
+
+@router.post("/embeddings", response_model=EmbeddingResponse,
+             summary="One mean-pooled, L2-normalized vector per input")
+async def embeddings(body: EmbeddingRequest, request: Request):
+    request.state.endpoint = "/v1/embeddings"
+    return await handlers.embeddings(request, body)

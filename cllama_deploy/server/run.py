@@ -1,0 +1,82 @@
+"""``serve(settings)``: run the server with uvicorn until SIGINT/SIGTERM.
+
+The socket is bound before the models load, so health checks get 503 (not "connection refused")
+while loading. On SIGTERM uvicorn stops accepting connections and lets in-flight requests finish
+(up to ``graceful_timeout`` seconds) before the engines close.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import socket
+import sys
+from dataclasses import dataclass
+
+from cllama_deploy.server.settings import Settings
+
+log = logging.getLogger("cllama_deploy.server")
+
+
+@dataclass
+class ServeResult:
+    host: str
+    port: int
+
+
+def configure_logging(level: str) -> None:
+    """Plain lines for our loggers on stderr; access records are JSON lines already."""
+    root = logging.getLogger("cllama_deploy")
+    if not any(getattr(h, "_cllama", False) for h in root.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler._cllama = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+        access = logging.getLogger("cllama_deploy.access")
+        access.propagate = False
+        ah = logging.StreamHandler(sys.stderr)
+        ah.setFormatter(logging.Formatter("%(message)s"))
+        access.addHandler(ah)
+    root.setLevel(level.upper())
+    logging.getLogger("cllama_deploy.access").setLevel(logging.INFO)
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        from cllama_deploy.errors import ConfigError
+
+        raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror}); pick another --port "
+                          "or --host") from exc
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(settings: Settings) -> ServeResult:
+    """Load the models (in the background) and serve HTTP until interrupted."""
+    import uvicorn
+
+    from cllama_deploy.engine.llamacpp import LlamaCppEngine
+    from cllama_deploy.server.app import create_app
+
+    configure_logging(settings.log_level)
+    configs = settings.engine_configs()  # checks the files before binding the port
+    loaders = [functools.partial(LlamaCppEngine.load, c) for c in configs]
+    app = create_app(settings, None, loaders=loaders)
+    sock = bind_socket(settings.host, settings.port)
+    host, port = sock.getsockname()[:2]
+    config = uvicorn.Config(
+        app, log_config=None, access_log=False, lifespan="on", log_level=settings.log_level,
+        timeout_graceful_shutdown=int(settings.graceful_timeout), timeout_keep_alive=5,
+    )
+    server = uvicorn.Server(config)
+    shown = f"[{host}]" if ":" in host else host
+    log.info("listening on http://%s:%d (models: %s)", shown, port,
+             ", ".join(c.model_id for c in configs))
+    server.run(sockets=[sock])
+    return ServeResult(host=host, port=port)

@@ -1,0 +1,243 @@
+"""Server settings: one dataclass, filled from a YAML/JSON file (``--config``) and command-line flags.
+
+Flags given on the command line win over the file. Every field is checked in ``__post_init__`` and an
+error names the flag (or settings key) to fix. See ``server/settings.example.yaml`` for a full file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional
+
+from cllama_deploy.errors import ConfigError
+
+_SAMPLING_KEYS = {
+    "temperature", "top_p", "top_k", "min_p", "typical_p", "repeat_penalty", "presence_penalty",
+    "frequency_penalty", "penalty_last_n",
+}
+
+
+@dataclass
+class ModelSettings:
+    """One served model.
+
+    Args:
+        path: GGUF file.
+        id: name clients select with ``model`` (default: file name without ``.gguf``).
+        chat_template: ``alpaca``, ``alpaca-2`` or a ``.jinja`` file; default: the GGUF's own template.
+        n_ctx: context window; None uses the server-wide ``n_ctx`` (0 = the model's trained context).
+        n_threads: llama.cpp threads; None uses the server-wide ``threads``.
+        embeddings: serve /v1/embeddings for this model.
+    """
+
+    path: str
+    id: Optional[str] = None
+    chat_template: Optional[str] = None
+    n_ctx: Optional[int] = None
+    n_threads: Optional[int] = None
+    embeddings: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.path, str) or not self.path:
+            raise ConfigError("each model needs a 'path' to a .gguf file")
+        if self.id is not None and (not isinstance(self.id, str) or not self.id.strip()):
+            raise ConfigError(f"model id for {self.path!r} must be a non-empty string")
+
+
+@dataclass
+class Settings:
+    """Everything ``cllama-deploy serve`` needs.
+
+    Args:
+        models: models to serve (``MODEL.gguf`` or ``NAME=MODEL.gguf`` arguments).
+        host: address to listen on (``--host``); 127.0.0.1 keeps the server local.
+        port: TCP port (``--port``); 0 picks a free port and logs it.
+        api_keys: accepted bearer tokens (``--api-key``, repeatable); empty disables authentication.
+        api_key_file: file with one API key per line (``--api-key-file``; ``#`` starts a comment).
+        cors_origins: browser origins allowed to call the API (``--cors-origin``, repeatable; ``*``).
+        max_body_bytes: largest request body accepted (``--max-body-bytes``); larger gets 413.
+        max_queue: requests that may wait while the model is busy (``--max-queue``); more get 429.
+        request_timeout: seconds a request may take, waiting in the queue included (``--timeout``).
+        graceful_timeout: seconds in-flight requests get to finish on shutdown (``--graceful-timeout``).
+        n_ctx: context window for every model (``--n-ctx``); 0 = each model's trained context.
+        threads: llama.cpp threads (``--threads``); None = half the CPUs (see docs/serving.md).
+        n_batch: prompt tokens per llama.cpp decode call (``--n-batch``).
+        chat_template: override every model's chat template (``--chat-template``).
+        max_n: largest ``n`` (choices per request) accepted.
+        access_log: write one JSON line per request to the ``cllama_deploy.access`` logger.
+        log_level: ``debug``, ``info``, ``warning`` or ``error`` (``--log-level``).
+        sampling: defaults for sampling parameters a request leaves out (temperature, top_p, ...).
+    """
+
+    models: list[ModelSettings] = field(default_factory=list)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: list[str] = field(default_factory=list)
+    api_key_file: Optional[str] = None
+    cors_origins: list[str] = field(default_factory=list)
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_queue: int = 64
+    request_timeout: float = 600.0
+    graceful_timeout: float = 30.0
+    n_ctx: int = 0
+    threads: Optional[int] = None
+    n_batch: int = 512
+    chat_template: Optional[str] = None
+    max_n: int = 8
+    access_log: bool = True
+    log_level: str = "info"
+    sampling: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.models = [m if isinstance(m, ModelSettings) else _model_from(m) for m in self.models]
+        if not isinstance(self.port, int) or not (0 <= self.port <= 65535):
+            raise ConfigError(f"--port must be between 0 and 65535, got {self.port!r}")
+        if not isinstance(self.host, str) or not self.host:
+            raise ConfigError("--host must be a non-empty address such as 127.0.0.1")
+        if isinstance(self.api_keys, str):
+            self.api_keys = [self.api_keys]
+        if self.api_key_file:
+            self.api_keys = list(self.api_keys) + read_api_key_file(self.api_key_file)
+        for key in self.api_keys:
+            if not isinstance(key, str) or not key.strip() or any(c.isspace() for c in key):
+                raise ConfigError("--api-key values must be non-empty strings without spaces")
+        if isinstance(self.cors_origins, str):
+            self.cors_origins = [self.cors_origins]
+        _check_int("--max-body-bytes", self.max_body_bytes, 1)
+        _check_int("--max-queue", self.max_queue, 0)
+        _check_int("--n-ctx", self.n_ctx, 0)
+        _check_int("--n-batch", self.n_batch, 1)
+        _check_int("max_n", self.max_n, 1)
+        if self.threads is not None:
+            _check_int("--threads", self.threads, 1)
+        for name in ("request_timeout", "graceful_timeout"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or value <= 0:
+                flag = "--timeout" if name == "request_timeout" else "--graceful-timeout"
+                raise ConfigError(f"{flag} must be a positive number of seconds, got {value!r}")
+        if self.log_level not in ("debug", "info", "warning", "error"):
+            raise ConfigError(f"--log-level must be debug, info, warning or error, got {self.log_level!r}")
+        if not isinstance(self.sampling, dict):
+            raise ConfigError("settings key 'sampling' must be a mapping such as {temperature: 0.7}")
+        unknown = set(self.sampling) - _SAMPLING_KEYS
+        if unknown:
+            raise ConfigError(f"unknown sampling default(s) {sorted(unknown)}; allowed: "
+                              f"{sorted(_SAMPLING_KEYS)}")
+        ids = [m.id or _default_id(m.path) for m in self.models]
+        dupes = {i for i in ids if ids.count(i) > 1}
+        if dupes:
+            raise ConfigError(f"several models share the id(s) {sorted(dupes)}; name them with "
+                              "NAME=MODEL.gguf")
+
+    def engine_configs(self):
+        """One :class:`~cllama_deploy.engine.llamacpp.LlamaCppConfig` per model."""
+        from cllama_deploy.engine.llamacpp import LlamaCppConfig
+
+        if not self.models:
+            raise ConfigError("no model to serve: pass a .gguf file (cllama-deploy serve MODEL.gguf)")
+        return [
+            LlamaCppConfig(
+                model_path=m.path, model_id=m.id, n_ctx=self.n_ctx if m.n_ctx is None else m.n_ctx,
+                n_threads=m.n_threads or self.threads, n_batch=self.n_batch,
+                chat_template=m.chat_template or self.chat_template, max_queue=self.max_queue,
+                embeddings=m.embeddings,
+            )
+            for m in self.models
+        ]
+
+
+def _check_int(flag: str, value: Any, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ConfigError(f"{flag} must be an integer >= {minimum}, got {value!r}")
+
+
+def _default_id(path: str) -> str:
+    name = Path(path).name
+    return name[:-5] if name.endswith(".gguf") else name
+
+
+def _model_from(spec: Any) -> ModelSettings:
+    if isinstance(spec, str):
+        return parse_model_arg(spec)
+    if isinstance(spec, dict):
+        allowed = {f.name for f in fields(ModelSettings)}
+        unknown = set(spec) - allowed
+        if unknown:
+            raise ConfigError(f"unknown model setting(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
+        return ModelSettings(**spec)
+    raise ConfigError(f"a model entry must be a path or a mapping with 'path', got {spec!r}")
+
+
+def parse_model_arg(arg: str) -> ModelSettings:
+    """``MODEL.gguf`` or ``NAME=MODEL.gguf``."""
+    if "=" in arg and not Path(arg).exists():
+        name, path = arg.split("=", 1)
+        return ModelSettings(path=path, id=name or None)
+    return ModelSettings(path=arg)
+
+
+def read_api_key_file(path: str) -> list[str]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"--api-key-file {path!r} cannot be read: {exc.strerror}") from exc
+    keys = [line.split("#", 1)[0].strip() for line in text.splitlines()]
+    keys = [k for k in keys if k]
+    if not keys:
+        raise ConfigError(f"--api-key-file {path!r} holds no key (one key per line)")
+    return keys
+
+
+def load_settings(config_file: Optional[str] = None, **overrides: Any) -> Settings:
+    """Settings from ``config_file`` (YAML or JSON), then ``overrides`` that are not None."""
+    data: dict[str, Any] = {}
+    if config_file:
+        data = read_settings_file(config_file)
+    allowed = {f.name for f in fields(Settings)}
+    for key, value in overrides.items():
+        if key not in allowed:
+            raise ConfigError(f"unknown setting {key!r}")
+        if value is None or (isinstance(value, (list, tuple)) and not value):
+            continue
+        data[key] = list(value) if isinstance(value, tuple) else value
+    return Settings(**data)
+
+
+def read_settings_file(path: str) -> dict[str, Any]:
+    import yaml
+
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"--config {path!r} cannot be read: {exc.strerror}") from exc
+    try:
+        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as exc:
+        raise ConfigError(f"--config {path!r} is not valid {'JSON' if p.suffix == '.json' else 'YAML'}: "
+                          f"{exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path!r} must hold a mapping of settings at the top level")
+    allowed = {f.name for f in dataclasses.fields(Settings)}
+    unknown = set(data) - allowed
+    if unknown:
+        raise ConfigError(f"--config {path!r} has unknown setting(s) {sorted(unknown)}; allowed: "
+                          f"{sorted(allowed)}")
+    # relative model paths are relative to the settings file
+    base = p.resolve().parent
+    models = []
+    for m in data.get("models") or []:
+        if isinstance(m, str):
+            m = {"path": m} if "=" not in m or Path(m).exists() else {
+                "id": m.split("=", 1)[0], "path": m.split("=", 1)[1]}
+        if isinstance(m, dict) and isinstance(m.get("path"), str) and not Path(m["path"]).is_absolute():
+            m = {**m, "path": str(base / m["path"])}
+        models.append(m)
+    if models:
+        data["models"] = models
+    return data

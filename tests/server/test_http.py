@@ -1,0 +1,342 @@
+"""The HTTP API with httpx: response shapes, SSE framing, parameters, every error status."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from tests.server.builders_server import stream_post
+
+NO_EOS = {"2": -100}  # keep the random model from ending early where a length matters
+
+
+def post(url, path, body, **kw):
+    return httpx.post(url + path, json=body, timeout=60, **kw)
+
+
+def chat(url, content="Hello", **params):
+    body = {"model": "tiny", "messages": [{"role": "user", "content": content}], **params}
+    return post(url, "/v1/chat/completions", body)
+
+
+def assert_error(resp, status, code=None, param=None):
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert set(body) == {"error"}, body
+    err = body["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["message"]
+    if code is not None:
+        assert err["code"] == code, err
+    if param is not None:
+        assert err["param"] == param, err
+    return err
+
+
+# --------------------------------------------------------------------------------------------- shapes
+
+
+def test_models_health_docs(url):
+    r = httpx.get(url + "/v1/models")
+    assert r.status_code == 200
+    data = r.json()
+    assert data["object"] == "list" and [m["id"] for m in data["data"]] == ["tiny"]
+    card = data["data"][0]
+    assert card["object"] == "model" and isinstance(card["created"], int) and card["owned_by"]
+    assert card["meta"]["n_ctx"] == 512 and card["meta"]["chat_template"] == "gguf"
+    assert httpx.get(url + "/v1/models/tiny").json()["id"] == "tiny"
+    assert_error(httpx.get(url + "/v1/models/nope"), 404, "model_not_found", "model")
+    assert httpx.get(url + "/health").json() == {"status": "ok", "models": ["tiny"]}
+    assert httpx.get(url + "/docs").status_code == 200
+    spec = httpx.get(url + "/openapi.json").json()
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/tokenize",
+                 "/detokenize", "/health", "/metrics"):
+        assert path in spec["paths"], path
+
+
+def test_chat_completion_shape(url):
+    r = chat(url, max_tokens=8, temperature=0)
+    assert r.status_code == 200, r.text
+    assert r.headers["x-request-id"]
+    body = r.json()
+    assert body["id"].startswith("chatcmpl-") and body["object"] == "chat.completion"
+    assert isinstance(body["created"], int) and body["model"] == "tiny"
+    (choice,) = body["choices"]
+    assert choice["index"] == 0 and choice["message"]["role"] == "assistant"
+    assert isinstance(choice["message"]["content"], str)
+    assert choice["finish_reason"] in ("stop", "length") and choice["logprobs"] is None
+    u = body["usage"]
+    assert u["prompt_tokens"] > 10 and 0 <= u["completion_tokens"] <= 8
+    assert u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"]
+
+
+def test_stream_equals_non_stream_under_greedy_and_ends_properly(url):
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "讲个故事"}], "temperature": 0,
+            "max_tokens": 60, "logit_bias": NO_EOS}
+    full = post(url, "/v1/chat/completions", body).json()
+    status, events = stream_post(url + "/v1/chat/completions", {**body, "stream": True})
+    assert status == 200
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+    assert all("usage" not in c for c in chunks)
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert text == full["choices"][0]["message"]["content"]
+    assert full["usage"]["completion_tokens"] == 60
+
+
+def test_stream_include_usage(url):
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5,
+            "stream": True, "stream_options": {"include_usage": True}, "logit_bias": NO_EOS}
+    status, events = stream_post(url + "/v1/chat/completions", body)
+    assert status == 200 and events[-1] == "[DONE]"
+    last = events[-2]
+    assert last["choices"] == [] and last["usage"]["completion_tokens"] == 5
+    assert last["usage"]["total_tokens"] == last["usage"]["prompt_tokens"] + 5
+    assert all(e["usage"] is None for e in events[:-2])
+    assert events[-3]["choices"][0]["finish_reason"] == "length"
+
+
+def test_max_completion_tokens_wins(url):
+    r = chat(url, max_tokens=50, max_completion_tokens=3, logit_bias=NO_EOS)
+    assert r.json()["usage"]["completion_tokens"] == 3
+    assert r.json()["choices"][0]["finish_reason"] == "length"
+
+
+def test_stop_string_cuts_the_text(url):
+    base = {"model": "tiny", "prompt": "Once upon a time", "temperature": 0, "max_tokens": 40,
+            "logit_bias": NO_EOS}
+    text = post(url, "/v1/completions", base).json()["choices"][0]["text"]
+    assert len(text) > 12
+    stop = text[8:11]
+    first = text.find(stop)
+    for stop_param in (stop, [stop, "never-seen-stop"]):
+        r = post(url, "/v1/completions", {**base, "stop": stop_param}).json()
+        assert r["choices"][0]["text"] == text[:first]
+        assert r["choices"][0]["finish_reason"] == "stop"
+        status, events = stream_post(url + "/v1/completions", {**base, "stop": stop_param, "stream": True})
+        assert "".join(e["choices"][0]["text"] for e in events[:-1]) == text[:first]
+        assert events[-2]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_completions_shapes_echo_and_token_prompts(url):
+    r = post(url, "/v1/completions", {"model": "tiny", "prompt": "abc", "max_tokens": 4, "echo": True,
+                                      "temperature": 0}).json()
+    assert r["object"] == "text_completion" and r["id"].startswith("cmpl-")
+    assert r["choices"][0]["text"].startswith("abc")
+    tokens = post(url, "/tokenize", {"content": "abc"}).json()["tokens"]
+    by_ids = post(url, "/v1/completions", {"model": "tiny", "prompt": tokens, "max_tokens": 4,
+                                           "temperature": 0}).json()
+    assert "abc" + by_ids["choices"][0]["text"] == r["choices"][0]["text"]
+    many = post(url, "/v1/completions", {"model": "tiny", "prompt": ["a", "b"], "n": 2,
+                                         "max_tokens": 2, "temperature": 0.9, "seed": 1}).json()
+    assert [c["index"] for c in many["choices"]] == [0, 1, 2, 3]
+
+
+def test_n_choices_and_seed(url):
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "n": 3, "max_tokens": 6,
+            "temperature": 1.0, "seed": 42}
+    a = post(url, "/v1/chat/completions", body).json()
+    b = post(url, "/v1/chat/completions", body).json()
+    assert [c["index"] for c in a["choices"]] == [0, 1, 2]
+    assert [c["message"]["content"] for c in a["choices"]] == [c["message"]["content"] for c in b["choices"]]
+    status, events = stream_post(url + "/v1/chat/completions", {**body, "stream": True})
+    finishes = [e["choices"][0]["index"] for e in events[:-1] if e["choices"][0]["finish_reason"]]
+    assert finishes == [0, 1, 2]
+    assert_error(post(url, "/v1/chat/completions", {**body, "n": 9}), 400, param="n")
+
+
+def test_chat_logprobs(url):
+    r = chat(url, "hi", max_tokens=6, temperature=0, logprobs=True, top_logprobs=3).json()
+    content = r["choices"][0]["logprobs"]["content"]
+    assert len(content) == r["usage"]["completion_tokens"] > 0
+    for item in content:
+        assert item["logprob"] <= 0 and len(item["top_logprobs"]) == 3
+        tops = [t["logprob"] for t in item["top_logprobs"]]
+        assert tops == sorted(tops, reverse=True)
+        assert item["logprob"] == pytest.approx(tops[0], abs=1e-5)  # greedy picks the argmax
+    joined = bytes(b for item in content for b in item["bytes"]).decode("utf-8", "replace")
+    assert joined == r["choices"][0]["message"]["content"]
+
+
+def test_completion_logprobs(url):
+    r = post(url, "/v1/completions", {"model": "tiny", "prompt": "The", "max_tokens": 5, "logprobs": 2,
+                                      "temperature": 0}).json()
+    lp = r["choices"][0]["logprobs"]
+    n = r["usage"]["completion_tokens"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == n > 0
+    assert all(len(t) <= 2 for t in lp["top_logprobs"]) and lp["text_offset"][0] == 0
+    top1 = [max(t.values()) for t in lp["top_logprobs"]]
+    assert lp["token_logprobs"] == pytest.approx(top1, abs=1e-5)  # greedy picks the argmax
+
+
+def test_json_schema_output_with_split_utf8_characters(url):
+    """A grammar forces rare Chinese characters that the tokenizer only has as byte tokens: the stream
+    must carry whole characters only, and equal the non-streamed text."""
+    schema = {"type": "object", "properties": {"名字": {"type": "string", "enum": ["龘靐齉"]}},
+              "required": ["名字"]}
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "json please"}],
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
+            "temperature": 0, "max_tokens": 200, "logprobs": True}
+    full = post(url, "/v1/chat/completions", body).json()
+    text = full["choices"][0]["message"]["content"]
+    assert json.loads(text) == {"名字": "龘靐齉"}
+    assert full["choices"][0]["finish_reason"] == "stop"
+    pieces = [bytes(t["bytes"]) for t in full["choices"][0]["logprobs"]["content"]]
+    partial = [p for p in pieces if p and _not_utf8(p)]
+    assert partial, "the test needs tokens that end inside a character"
+    status, events = stream_post(url + "/v1/chat/completions", {**body, "stream": True})
+    deltas = [e["choices"][0]["delta"].get("content", "") for e in events[:-1]]
+    assert all("\ufffd" not in d for d in deltas)
+    assert "".join(deltas) == text
+
+
+def _not_utf8(b: bytes) -> bool:
+    try:
+        b.decode("utf-8")
+        return False
+    except UnicodeDecodeError:
+        return True
+
+
+def test_json_object_mode(url):
+    r = chat(url, "give me json", response_format={"type": "json_object"}, max_tokens=30,
+             temperature=0).json()
+    assert r["choices"][0]["message"]["content"].startswith("{")
+
+
+def test_tokenize_detokenize(url):
+    r = post(url, "/tokenize", {"content": "Hello 世界", "with_pieces": True}).json()
+    ids = [t["id"] for t in r["tokens"]]
+    assert ids[0] == 1  # BOS
+    plain = post(url, "/tokenize", {"content": "Hello 世界", "add_special": False}).json()["tokens"]
+    assert plain == ids[1:]
+    assert post(url, "/detokenize", {"tokens": plain}).json()["content"].strip() == "Hello 世界"
+    assert_error(post(url, "/detokenize", {"tokens": [10**6]}), 400)
+    assert_error(post(url, "/detokenize", {"tokens": [-1]}), 400)
+
+
+def test_embeddings(url):
+    import base64
+
+    import numpy as np
+
+    r = post(url, "/v1/embeddings", {"model": "tiny", "input": ["你好", "hello world"]}).json()
+    assert r["object"] == "list" and len(r["data"]) == 2 and r["usage"]["prompt_tokens"] > 0
+    vecs = [np.array(d["embedding"]) for d in r["data"]]
+    assert all(v.shape == (64,) and abs(np.linalg.norm(v) - 1) < 1e-4 for v in vecs)
+    b = post(url, "/v1/embeddings", {"input": "你好", "encoding_format": "base64"}).json()
+    v = np.frombuffer(base64.b64decode(b["data"][0]["embedding"]), dtype="<f4")
+    assert np.allclose(v, vecs[0], atol=1e-6)
+    ids = post(url, "/tokenize", {"content": "你好"}).json()["tokens"]
+    t = post(url, "/v1/embeddings", {"input": ids}).json()
+    assert np.allclose(t["data"][0]["embedding"], vecs[0], atol=1e-6)
+    assert_error(post(url, "/v1/embeddings", {"input": "x", "dimensions": 3}), 400, param="dimensions")
+
+
+def test_metrics(url):
+    chat(url, max_tokens=3)
+    text = httpx.get(url + "/metrics").text
+    for name in ('cllama_requests_total{endpoint="/v1/chat/completions",status="200"}',
+                 'cllama_completion_tokens_total{model="tiny"}', 'cllama_prompt_tokens_total{model="tiny"}',
+                 'cllama_queue_depth{model="tiny"}', 'cllama_time_to_first_token_seconds_count{model="tiny"}',
+                 'cllama_generation_tokens_per_second_count{model="tiny"}', 'cllama_requests_running{model="tiny"}'):
+        assert name in text, name
+
+
+def test_web_page_is_served(url):
+    r = httpx.get(url + "/")
+    assert r.status_code == 200 and "text/html" in r.headers["content-type"]
+    assert "/static/app.js" in r.text and "http" not in r.text.replace("http-equiv", "")
+    for asset in ("app.js", "markdown.js", "style.css"):
+        a = httpx.get(url + "/static/" + asset)
+        assert a.status_code == 200 and "cdn" not in a.text.lower()
+
+
+# --------------------------------------------------------------------------------------------- errors
+
+
+def test_malformed_json_is_400_not_422(url):
+    r = httpx.post(url + "/v1/chat/completions", content=b"{not json", timeout=30,
+                   headers={"content-type": "application/json"})
+    assert_error(r, 400, "invalid_json")
+    assert_error(httpx.post(url + "/v1/chat/completions", content=b"[1,2]", timeout=30,
+                            headers={"content-type": "application/json"}), 400)
+    assert_error(httpx.post(url + "/v1/chat/completions", content=b"", timeout=30), 400)
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"model": "tiny"}, "messages"),
+    ({"messages": "hi"}, "messages"),
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, "temperature"),
+    ({"messages": [{"role": "user", "content": "x"}], "temperature": 5}, "temperature"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": "10"}, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "x"}], "stream": "yes"}, "stream"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
+    ({"messages": [{"role": "user", "content": 5}]}, None),
+    ({"messages": [{"role": "user", "content": "x"}], "stop": [1]}, None),
+    ({"messages": [{"role": "user", "content": "x"}], "logit_bias": {"a": 1}}, "logit_bias"),
+    ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
+    ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages.0.content"),
+    ({"messages": [{"role": "user", "content": "x"}], "logit_bias": {"99999": 1}}, "logit_bias"),
+    ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "xml"}}, None),
+    ({"messages": [{"role": "user", "content": "x"}], "response_format": {
+        "type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "array",
+                                                                      "minItems": 10**6}}}}, "response_format"),
+])
+def test_bad_parameters_are_400(url, body, param):
+    err = assert_error(post(url, "/v1/chat/completions", body), 400)
+    if param is not None:
+        assert err["param"] == param, err
+    assert "detail" not in err
+
+
+def test_unknown_model_is_404(url):
+    assert_error(post(url, "/v1/chat/completions", {
+        "model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}), 404, "model_not_found", "model")
+    assert_error(post(url, "/v1/completions", {"model": "gpt-4", "prompt": "x"}), 404, "model_not_found")
+    assert_error(post(url, "/v1/embeddings", {"model": "gpt-4", "input": "x"}), 404, "model_not_found")
+
+
+def test_context_length_exceeded(url):
+    long = "word " * 600
+    assert_error(chat(url, long), 400, "context_length_exceeded")
+    assert_error(post(url, "/v1/completions", {"prompt": long}), 400, "context_length_exceeded")
+    assert_error(chat(url, "short", max_tokens=1000), 400, "context_length_exceeded")
+    assert_error(post(url, "/v1/embeddings", {"input": long}), 400, "context_length_exceeded")
+    status, body = stream_post(url + "/v1/chat/completions", {"messages": [{"role": "user", "content": long}],
+                                                              "stream": True})
+    assert status == 400 and body[0]["error"]["code"] == "context_length_exceeded"
+
+
+def test_bad_completion_prompts(url):
+    assert_error(post(url, "/v1/completions", {"prompt": [99999]}), 400, param="prompt")
+    assert_error(post(url, "/v1/completions", {"prompt": []}), 400)
+    assert_error(post(url, "/v1/completions", {"prompt": "x", "suffix": "y"}), 400, param="suffix")
+    assert_error(post(url, "/v1/completions", {"prompt": "x", "best_of": 3}), 400, param="best_of")
+
+
+def test_unknown_route_and_method(url):
+    assert_error(httpx.get(url + "/v1/nothing"), 404)
+    assert_error(httpx.get(url + "/v1/chat/completions"), 405)
+
+
+def test_body_size_limit(url):
+    big = {"model": "tiny", "messages": [{"role": "user", "content": "x" * 300_000}]}
+    assert_error(post(url, "/v1/chat/completions", big), 413, "request_too_large")
+
+    def chunks():  # no Content-Length: the limit applies while reading
+        for _ in range(40):
+            yield b"x" * 10_000
+
+    r = httpx.post(url + "/v1/chat/completions", content=chunks(), timeout=30,
+                   headers={"content-type": "application/json"})
+    assert_error(r, 413, "request_too_large")
