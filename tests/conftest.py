@@ -23,5 +23,5 @@ def base_sp_model(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def zh_sp_model(tmp_path_factory):
-    """Chinese unigram tokenizer (400 pieces, nmt_nfkc), the kind merged into LLaMA's vocabulary."""
+    """Chinese unigram tokenizer (700 pieces, nmt_nfkc), the kind merged into LLaMA's vocabulary."""
     return builders.train_zh_sp(tmp_path_factory.mktemp("zh_sp") / "chinese_sp.model")
