@@ -1,0 +1,59 @@
+"""Session fixtures for the training tests: tiny LLaMAs, a merged tokenizer, text and Alpaca data."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests import builders
+from tests.training import builders_training as bt
+
+
+@pytest.fixture(scope="session")
+def base_sp_model(tmp_path_factory):
+    """Overrides the suite-wide fixture for these tests: a 512-piece LLaMA-like BPE model that trains on
+    SentencePiece 0.2.x (see builders_training.train_base_sp)."""
+    return bt.train_base_sp(tmp_path_factory.mktemp("train_base_sp") / "tokenizer.model")
+
+
+@pytest.fixture(scope="session")
+def zh_sp_model(tmp_path_factory):
+    """Overrides the suite-wide fixture (see builders_training.train_zh_sp)."""
+    return bt.train_zh_sp(tmp_path_factory.mktemp("train_zh_sp") / "chinese_sp.model")
+
+
+@pytest.fixture(scope="session")
+def merged_tok_dir(tmp_path_factory, base_sp_model, zh_sp_model):
+    """Directory with the merged (base 512 + Chinese) tokenizer.model."""
+    d = tmp_path_factory.mktemp("merged_tok")
+    bt.merge_sp_models(base_sp_model, zh_sp_model, d / "tokenizer.model")
+    return d
+
+
+@pytest.fixture(scope="session")
+def merged_size(merged_tok_dir):
+    return bt.piece_count(merged_tok_dir / "tokenizer.model")
+
+
+@pytest.fixture(scope="session")
+def base_model_dir(tmp_path_factory, base_sp_model):
+    """Random 2-layer LLaMA with the base tokenizer's 512-row vocabulary (the '32000' case)."""
+    return builders.make_tiny_llama(tmp_path_factory.mktemp("base_model"), 512, tokenizer_model=base_sp_model,
+                                    max_position_embeddings=512)
+
+
+@pytest.fixture(scope="session")
+def merged_model_dir(tmp_path_factory, merged_tok_dir, merged_size):
+    """Random 2-layer LLaMA whose vocabulary already matches the merged tokenizer (the '49953/49953' case)."""
+    return builders.make_tiny_llama(tmp_path_factory.mktemp("merged_model"), merged_size,
+                                    tokenizer_model=merged_tok_dir / "tokenizer.model",
+                                    max_position_embeddings=512, seed=1)
+
+
+@pytest.fixture(scope="session")
+def pt_data_dir(tmp_path_factory):
+    return bt.write_pt_texts(tmp_path_factory.mktemp("pt_data"), n_files=2, lines=80)
+
+
+@pytest.fixture(scope="session")
+def sft_data_dir(tmp_path_factory):
+    return bt.write_alpaca(tmp_path_factory.mktemp("sft_data"), n=96)

@@ -1,0 +1,161 @@
+"""End-to-end LoRA runs on a tiny random LLaMA: loss goes down, the adapter loads in peft and merges with
+our streaming merge, resume is exact, SFT can start from the PT adapter."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cllama_deploy.training.config import PTConfig, SFTConfig
+from cllama_deploy.training.run import train
+
+pytestmark = pytest.mark.slow
+
+TINY = dict(logging_steps=5, save_steps=1000, eval_before_train=True, progress_bar=False,
+            lora_rank=4, lora_alpha=8.0, lora_dropout=0.0, seed=3)
+
+
+@pytest.fixture(scope="module")
+def pt_run(tmp_path_factory, base_model_dir, merged_tok_dir, pt_data_dir):
+    """PT on the 512-row base with the merged tokenizer (vocabulary resized, mean-of-pieces init)."""
+    out = tmp_path_factory.mktemp("pt_out")
+    cfg = PTConfig(model_name_or_path=str(base_model_dir), tokenizer_name_or_path=str(merged_tok_dir),
+                   dataset_dir=str(pt_data_dir), output_dir=str(out), block_size=32,
+                   per_device_train_batch_size=4, max_steps=30, learning_rate=5e-3, warmup_ratio=0.1,
+                   validation_split_percentage=10.0, **TINY)
+    return cfg, train(cfg)
+
+
+def test_pt_reduces_eval_loss(pt_run):
+    _cfg, res = pt_run
+    assert res.global_step == 30
+    assert res.eval_loss < res.initial_eval_loss - 0.5, (res.initial_eval_loss, res.eval_loss)
+    assert res.tokens == 30 * 4 * 32 and res.tokens_per_second > 0
+    assert res.eval_perplexity == pytest.approx(2.718281828 ** res.eval_loss, rel=1e-6)
+
+
+def test_pt_adapter_format(pt_run, merged_size):
+    from safetensors import safe_open
+
+    _cfg, res = pt_run
+    d = res.adapter_dir
+    assert d.name == "pt_lora_model"
+    conf = json.loads((d / "adapter_config.json").read_text())
+    assert conf["r"] == 4 and conf["lora_alpha"] == 8.0 and conf["peft_type"] == "LORA"
+    assert set(conf["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                           "down_proj"}
+    assert set(conf["modules_to_save"]) == {"embed_tokens", "lm_head"}
+    assert (d / "tokenizer.model").is_file()
+    with safe_open(str(d / "adapter_model.safetensors"), "pt") as fh:
+        keys = set(fh.keys())
+        assert fh.get_slice("base_model.model.model.embed_tokens.weight").get_shape() == [merged_size, 64]
+        assert fh.get_slice("base_model.model.lm_head.weight").get_shape() == [merged_size, 64]
+    assert sum(".lora_A." in k for k in keys) == 2 * 7
+    assert not list(d.parent.glob("*.partial"))
+
+
+def _ids(merged_size):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(3, merged_size, (2, 24), generator=g)
+
+
+def test_adapter_loads_in_peft_and_merges_with_ours(pt_run, base_model_dir, merged_size):
+    """PeftModel.from_pretrained + merge_and_unload == cllama_deploy.merge (numpy, streaming)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
+
+    from cllama_deploy.merge import merged_source
+
+    _cfg, res = pt_run
+    ids = _ids(merged_size)
+    base = AutoModelForCausalLM.from_pretrained(base_model_dir)
+    base.resize_token_embeddings(merged_size, mean_resizing=False)
+    peft_model = PeftModel.from_pretrained(base, res.adapter_dir).eval()
+    with torch.no_grad():
+        want = peft_model(ids).logits
+        ref = peft_model.merge_and_unload()(ids).logits
+    torch.testing.assert_close(ref, want, rtol=1e-4, atol=1e-4)
+
+    src = merged_source(base_model_dir, [res.adapter_dir])
+    config = AutoConfig.from_pretrained(base_model_dir)
+    config.vocab_size = merged_size
+    ours = LlamaForCausalLM(config).eval()
+    state = {name: torch.from_numpy(src.get(name).copy()) for name in src.names()}
+    missing, unexpected = ours.load_state_dict(state, strict=False)
+    assert not unexpected and all("rotary" in m for m in missing), (missing, unexpected)
+    with torch.no_grad():
+        got = ours(ids).logits
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+class StopAt:
+    """A TrainerCallback that interrupts training at a step (as a kill after a checkpoint would)."""
+
+    def __new__(cls, step):
+        from transformers import TrainerCallback
+
+        class _Stop(TrainerCallback):
+            def on_step_end(self, args, state, control, **kw):
+                if state.global_step >= step:
+                    control.should_training_stop = True
+
+        return _Stop()
+
+
+def _losses(history):
+    return {h["step"]: h["loss"] for h in history if "loss" in h}
+
+
+def test_resume_is_exact(tmp_path, merged_model_dir, merged_tok_dir, pt_data_dir):
+    common = dict(model_name_or_path=str(merged_model_dir), tokenizer_name_or_path=str(merged_tok_dir),
+                  dataset_dir=str(pt_data_dir), data_cache_dir=str(tmp_path / "cache"), block_size=32,
+                  per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=8,
+                  learning_rate=5e-3, validation_split_percentage=0.0, logging_steps=1, save_steps=4,
+                  progress_bar=False, lora_rank=4, lora_dropout=0.1, seed=5)
+    full = train(PTConfig(output_dir=str(tmp_path / "full"), **common))
+    part = train(PTConfig(output_dir=str(tmp_path / "part"), **common), callbacks=[StopAt(4)])
+    assert part.global_step == 4 and (tmp_path / "part" / "checkpoint-4").is_dir()
+    resumed = train(PTConfig(output_dir=str(tmp_path / "part"), resume="latest", **common))
+    assert resumed.resumed_from.endswith("checkpoint-4") and resumed.global_step == 8
+    a, b = _losses(full.log_history), _losses(resumed.log_history)
+    assert [s for s in b if s > 4] == [5, 6, 7, 8]
+    for step in (5, 6, 7, 8):
+        assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), (step, a, b)
+    assert _losses(part.log_history) == {s: a[s] for s in (1, 2, 3, 4)}
+
+
+def test_existing_checkpoints_need_resume_or_overwrite(tmp_path, merged_model_dir, pt_data_dir):
+    from cllama_deploy.errors import ConfigError
+
+    (tmp_path / "o" / "checkpoint-3").mkdir(parents=True)
+    cfg = PTConfig(model_name_or_path=str(merged_model_dir), dataset_dir=str(pt_data_dir),
+                   output_dir=str(tmp_path / "o"), max_steps=1)
+    with pytest.raises(ConfigError, match="--resume .*--overwrite_output_dir"):
+        train(cfg)
+    cfg = PTConfig(model_name_or_path=str(merged_model_dir), dataset_dir=str(pt_data_dir),
+                   output_dir=str(tmp_path / "empty"), max_steps=1, resume="latest")
+    with pytest.raises(ConfigError, match="no checkpoint"):
+        train(cfg)
+
+
+def test_sft_from_pt_adapter_reduces_eval_loss(tmp_path, pt_run, base_model_dir, merged_tok_dir, sft_data_dir,
+                                               merged_size):
+    """The 'Plus' recipe: the PT adapter is merged in memory (vocabulary grows with it), then SFT."""
+    from safetensors import safe_open
+
+    _cfg, pt = pt_run
+    cfg = SFTConfig(model_name_or_path=str(base_model_dir), tokenizer_name_or_path=str(merged_tok_dir),
+                    dataset_dir=str(sft_data_dir), output_dir=str(tmp_path / "sft"), lora=[str(pt.adapter_dir)],
+                    max_seq_length=96, per_device_train_batch_size=4, max_steps=30, learning_rate=5e-3,
+                    modules_to_save="none", validation_split_percentage=10.0, **TINY)
+    res = train(cfg)
+    assert res.eval_loss < res.initial_eval_loss - 0.3, (res.initial_eval_loss, res.eval_loss)
+    assert res.adapter_dir.name == "sft_lora_model"
+    with safe_open(str(res.adapter_dir / "adapter_model.safetensors"), "pt") as fh:
+        assert all("lora_" in k for k in fh.keys())
+    # SFT tokens are counted without padding
+    assert 0 < res.tokens <= 30 * 4 * 96
