@@ -112,3 +112,16 @@ def test_tied_lora_on_shared_matrix_stays_tied(tied_case, tmp_path):
 def test_tied_then_untied_in_order(tied_case):
     ref = peft_reference(tied_case.base, [tied_case.heads, tied_case.grow])
     assert_same_weights(merged_source(tied_case.base, [tied_case.heads, tied_case.grow]), ref)
+
+
+def test_no_adapters_is_the_checked_base(mha_case):
+    # the converter opens plain checkpoints this way: every invariant checked, tensors passed through
+    from cllama_deploy.checkpoint import open_hf
+
+    base = open_hf(mha_case.base)
+    source = merged_source(mha_case.base, [])
+    assert source.names() == base.names() and source.config == base.config
+    assert source.tokenizer_dir == mha_case.base and source.vocab.tokenizer.total == 512
+    for name in base.names():
+        assert source.dtype(name) == "F32" and not source.changed(name)
+        np.testing.assert_array_equal(source.get(name), base.get(name))
