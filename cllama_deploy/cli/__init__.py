@@ -8,8 +8,18 @@ from __future__ import annotations
 
 import os
 import sys
+
 import click
 import typer
+
+# typer >= 0.2x runs on a vendored copy of click (typer._click): catch both copies' exceptions.
+try:
+    from typer._click.exceptions import ClickException as _VendoredClickException
+except ImportError:  # pragma: no cover - older typer uses click itself
+    _VendoredClickException = click.ClickException
+_EXIT = (typer.Exit, click.exceptions.Exit)
+_ABORT = (typer.Abort, click.exceptions.Abort)
+_USAGE = (_VendoredClickException, click.ClickException)
 
 from cllama_deploy import __version__
 from cllama_deploy.errors import CllamaError
@@ -64,24 +74,25 @@ def main(argv: list[str] | None = None) -> int:
     # per call, so one --debug run (e.g. in a test process) does not leak into the next
     _state["debug"] = bool(os.environ.get("CLLAMA_DEBUG")) or "--debug" in args
     try:
-        app(args=args, prog_name="cllama-deploy", standalone_mode=False)
+        rv = app(args=args, prog_name="cllama-deploy", standalone_mode=False)
     except CllamaError as exc:
         if _state["debug"]:
             raise
         typer.secho(f"error: {exc}", err=True, fg="red")
         return exc.exit_code
-    except click.exceptions.Exit as exc:
+    except _EXIT as exc:
         return exc.exit_code
-    except click.exceptions.Abort:
+    except _ABORT:
         typer.secho("aborted", err=True, fg="red")
         return 130
     except KeyboardInterrupt:
         typer.secho("interrupted", err=True, fg="red")
         return 130
-    except click.ClickException as exc:
+    except _USAGE as exc:
         exc.show()
         return exc.exit_code
-    return 0
+    # non-standalone Typer returns the exit code of typer.Exit (e.g. --help, --version)
+    return rv if isinstance(rv, int) else 0
 
 
 def run() -> None:  # pragma: no cover - thin wrapper

@@ -428,3 +428,33 @@ def write_sp_model_from_gguf(gguf_path: str | os.PathLike, out: str | os.PathLik
     return {"out": str(out), "pieces": len(model.pieces), "unk_id": ts.unk_id, "bos_id": ts.bos_id,
             "eos_id": ts.eos_id, "pad_id": ts.pad_id, "byte_fallback": ts.byte_fallback,
             "add_dummy_prefix": model.normalizer_spec.add_dummy_prefix, "sha256": sha256_file(out)}
+
+
+def write_vocab_only_gguf(vocab: GGUFVocab, path: str | os.PathLike, name: str = "vocab-only") -> Path:
+    """A GGUF with only a vocabulary (like llama.cpp's ``models/ggml-vocab-*.gguf`` test files).
+
+    llama.cpp loads it with ``vocab_only=True``; the small LLaMA hyper-parameters it also reads are
+    placeholders. Used by tests and the parity benchmarks.
+    """
+    import gguf
+
+    from cllama_deploy.files import atomic_path
+
+    out = Path(path)
+    with atomic_path(out) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), "llama")
+        writer.add_name(name)
+        writer.add_block_count(1)
+        writer.add_context_length(2048)
+        writer.add_embedding_length(64)
+        writer.add_feed_forward_length(128)
+        writer.add_head_count(1)
+        writer.add_head_count_kv(1)
+        writer.add_layer_norm_rms_eps(1e-5)
+        writer.add_vocab_size(len(vocab.tokens))
+        vocab.write_to(writer)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    return out

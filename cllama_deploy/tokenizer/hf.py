@@ -80,6 +80,17 @@ def resolve_sp_model(path: str | os.PathLike) -> bytes:
     return data
 
 
+def _template_text(spec: str) -> str:
+    """A built-in name (alpaca, alpaca-2), a path to a .jinja file, or Jinja text itself."""
+    from cllama_deploy.prompts import TEMPLATES, load_chat_template
+
+    if spec in TEMPLATES:
+        return TEMPLATES[spec]
+    if "{" in spec or "\n" in spec:
+        return spec
+    return load_chat_template(spec)
+
+
 def hf_tokenizer_config(sp_model, *, pad_token: str | None = None, chat_template: str | None = "alpaca",
                         add_bos_token: bool = True, add_eos_token: bool = False) -> tuple[dict, dict]:
     """``(tokenizer_config, special_tokens_map)`` for a SentencePiece model (path, bytes or proto).
@@ -87,8 +98,6 @@ def hf_tokenizer_config(sp_model, *, pad_token: str | None = None, chat_template
     Special tokens must be pieces of the model: a token HF would add beyond the SentencePiece
     vocabulary gets an id no embedding row and no GGUF token has.
     """
-    from cllama_deploy.prompts import load_chat_template
-
     sp = processor(sp_model)
     size = sp.get_piece_size()
     special: dict[str, tuple[str, int]] = {}
@@ -123,7 +132,7 @@ def hf_tokenizer_config(sp_model, *, pad_token: str | None = None, chat_template
     if pad_token is None:
         config["pad_token"] = None
     if chat_template:
-        config["chat_template"] = load_chat_template(chat_template) if chat_template in ("alpaca", "alpaca-2") or Path(chat_template).is_file() else chat_template
+        config["chat_template"] = _template_text(chat_template)
     special_map = {name: text for name, (text, _) in special.items()}
     return config, special_map
 
