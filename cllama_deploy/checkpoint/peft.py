@@ -84,6 +84,8 @@ REFUSED_OPTIONS: list[tuple[str, str]] = [
     ("use_bdlora", "block-diagonal LoRA adapters (use_bdlora) are not supported"),
     ("arrow_config", "Arrow-routed adapters (arrow_config) cannot be merged"),
     ("monteclora_config", "MonteCLoRA adapters (monteclora_config) are not supported"),
+    # PEFT < 0.3 MergedLinear: one LoRA over a fused qkv projection (GPT-2 style); LLaMA has none
+    ("enable_lora", "adapters for fused qkv projections (enable_lora) are not supported"),
 ]
 
 
@@ -142,6 +144,7 @@ class LoraAdapter:
         self.lora_alpha = float(self.config.get("lora_alpha", 8))
         self.use_rslora = bool(self.config.get("use_rslora", False))
         self.fan_in_fan_out = bool(self.config.get("fan_in_fan_out", False))
+        self._fan_warned = False
         self.rank_pattern = dict(self.config.get("rank_pattern") or {})
         self.alpha_pattern = dict(self.config.get("alpha_pattern") or {})
         self.base_model_name_or_path = self.config.get("base_model_name_or_path")
@@ -325,8 +328,10 @@ class LoraAdapter:
         rows, cols = self.delta_shape(target)
         if tuple(base_shape) == (cols, rows) and rows != cols:
             return True
-        warnings.warn(f"{self.path}: fan_in_fan_out=true ignored for {target} (an nn.Linear weight), as PEFT does",
-                      stacklevel=2)
+        if not self._fan_warned:
+            self._fan_warned = True
+            warnings.warn(f"{self.path}: fan_in_fan_out=true ignored for nn.Linear weights such as {target}, "
+                          "as PEFT does", stacklevel=2)
         return False
 
     def full_tensor(self, target: str) -> np.ndarray:
