@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from typing import Any, Optional
 
 from fastapi import FastAPI, Request
@@ -85,15 +86,19 @@ def error_response(err: APIError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
 
+_TYPE_TAG = re.compile(
+    r"^((list|dict|tuple|set|function-\w+|literal|json-or-python|union|nullable|is-instance)\[.*\]"
+    r"|bool|int|float|str|none|bytes|[A-Z]\w*)$")
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, Optional[str], str]:
     errors = exc.errors()
     if not errors:
         return "Invalid request body.", None, "invalid_request"
     first = errors[0]
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    # pydantic adds the union member / model name in the location; keep the field path readable
-    loc = [p for p in loc if not p.startswith(("list[", "str", "int", "function-", "dict["))
-           and p not in ("ContentPart",)]
+    # pydantic adds union members and type tags to the location; keep the field path readable
+    loc = [p for p in loc if not _TYPE_TAG.match(p)]
     param = ".".join(loc) or None
     if first.get("type") == "json_invalid":
         return ("We could not parse the JSON body of your request. The body must be valid JSON "

@@ -73,7 +73,8 @@ def test_serve_subprocess_graceful_shutdown(tiny_gguf_path, tmp_path):
         events = result["events"]
         assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] == "length"
         assert sum(1 for e in events[:-1] if e["choices"][0]["text"]) > 1
-        assert proc.wait(60) == 0
+        # uvicorn re-raises the signal once shut down: "terminated by SIGTERM" is the clean exit
+        assert proc.wait(60) in (0, -signal.SIGTERM)
     finally:
         if proc.poll() is None:
             proc.kill()

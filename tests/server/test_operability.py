@@ -173,7 +173,7 @@ def test_disconnect_mid_stream_frees_the_engine(url, engine, monkeypatch):
     monkeypatch.setattr(engine, "generate", capture)
     monkeypatch.setattr(engine._llm, "eval", slow_eval)
     cancelled_before = engine.stats()["cancelled"]
-    body = {"model": "tiny", "messages": [{"role": "user", "content": "long story"}], "max_tokens": 400,
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "long story"}], "max_tokens": 300,
             "stream": True, "logit_bias": {"2": -100}}
     try:
         with httpx.Client(timeout=60) as c:
