@@ -24,19 +24,32 @@ class ServeResult:
     port: int
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (it may be replaced after setup)."""
+
+    _cllama = True
+
+    def __init__(self, fmt: str):
+        super().__init__()
+        self.setFormatter(logging.Formatter(fmt))
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def configure_logging(level: str) -> None:
     """Plain lines for our loggers on stderr; access records are JSON lines already."""
     root = logging.getLogger("cllama_deploy")
     if not any(getattr(h, "_cllama", False) for h in root.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        handler._cllama = True  # type: ignore[attr-defined]
-        root.addHandler(handler)
+        root.addHandler(_StderrHandler("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         access = logging.getLogger("cllama_deploy.access")
         access.propagate = False
-        ah = logging.StreamHandler(sys.stderr)
-        ah.setFormatter(logging.Formatter("%(message)s"))
-        access.addHandler(ah)
+        access.addHandler(_StderrHandler("%(message)s"))
     root.setLevel(level.upper())
     logging.getLogger("cllama_deploy.access").setLevel(logging.INFO)
 
@@ -64,8 +77,8 @@ def serve(settings: Settings) -> ServeResult:
     from cllama_deploy.engine.llamacpp import LlamaCppEngine
     from cllama_deploy.server.app import create_app
 
-    configure_logging(settings.log_level)
     configs = settings.engine_configs()  # checks the files before binding the port
+    configure_logging(settings.log_level)
     loaders = [functools.partial(LlamaCppEngine.load, c) for c in configs]
     app = create_app(settings, None, loaders=loaders)
     sock = bind_socket(settings.host, settings.port)
