@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Union
+from typing import Any, Union
 
 from cllama_deploy.errors import TokenizerError
 
@@ -28,7 +28,8 @@ MODEL_TYPE_NAMES = {1: "unigram", 2: "bpe", 3: "word", 4: "char"}
 
 SPACE = "\u2581"  # "▁", SentencePiece's escaped whitespace
 
-ModelSource = Union[str, os.PathLike, bytes, "object"]
+# a path, serialized bytes, or a ModelProto
+ModelSource = Union[str, os.PathLike, bytes, Any]
 
 
 def pb2():

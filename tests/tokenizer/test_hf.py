@@ -44,6 +44,21 @@ def test_autotokenizer_encodes_like_sentencepiece(merged_pad_dir, lines):
     assert not (merged_pad_dir / "tokenizer.json").exists()
 
 
+def test_autotokenizer_in_a_model_directory(tmp_path, merged_dir):
+    """Next to a LLaMA config.json (a trained or merged model dir) AutoTokenizer still picks our class."""
+    from transformers import AutoTokenizer, LlamaConfig
+
+    d = tmp_path / "model"
+    write_hf_tokenizer_dir(merged_dir / "tokenizer.model", d)
+    n = processor(d / "tokenizer.model").get_piece_size()
+    LlamaConfig(vocab_size=n, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                intermediate_size=32).save_pretrained(d)
+    tok = AutoTokenizer.from_pretrained(str(d))
+    assert type(tok).__name__ == "SentencePieceBackend"
+    sp = processor(d / "tokenizer.model")
+    assert tok("中文 text 123")["input_ids"] == [sp.bos_id()] + sp.encode("中文 text 123")
+
+
 def test_chat_template_is_alpaca(merged_dir):
     from transformers import AutoTokenizer
 
