@@ -62,7 +62,7 @@ def build_models(root: Path) -> dict[str, Path]:
 
     from tests import builders
 
-    zh = builders.train_zh_sp(root / "zh" / "zh.model")
+    zh = builders.train_zh_sp(root / "zh" / "zh.model", vocab_size=1000)
     base_tok = builders.train_llama_like_sp(root / "tok" / "tokenizer.model", vocab_size=1000)
     from tests.gguf.builders_gguf import merge_sp, sp_size
 

@@ -241,18 +241,19 @@ def ollama_modelfile(gguf_name: str, chat_template: str) -> str:
             '{{- if .System }}{{ .System }}{{ else }}' + ALPACA_V1_SYSTEM + '{{ end }}\n'
             '{{- range .Messages }}\n'
             '{{- if eq .Role "user" }}\n\n### Instruction:\n{{ .Content }}\n\n### Response: '
-            '{{- else if eq .Role "assistant" }} {{ .Content }}</s>{{ end }}\n'
+            '{{ else if eq .Role "assistant" }}{{ .Content }}</s>{{ end }}\n'
             '{{- end }}'
         )
         stops = ["### Instruction:", "</s>"]
     elif spec == "alpaca-2":
         template = (
-            '{{- range $i, $m := .Messages }}\n'
-            '{{- if eq $m.Role "user" }}{{ if eq $i 0 }}[INST] <<SYS>>\n'
+            '{{- $first := true }}\n'
+            '{{- range .Messages }}\n'
+            '{{- if eq .Role "user" }}{{ if $first }}[INST] <<SYS>>\n'
             '{{ if $.System }}{{ $.System }}{{ else }}' + ALPACA_2_SYSTEM + '{{ end }}\n'
-            '<</SYS>>\n\n{{ $m.Content }} [/INST]'
-            '{{- else }}<s>[INST] {{ $m.Content }} [/INST]{{ end }}'
-            '{{- else if eq $m.Role "assistant" }} {{ $m.Content }} </s>{{ end }}\n'
+            '<</SYS>>\n\n{{ .Content }} [/INST]{{ $first = false }}'
+            '{{- else }}<s>[INST] {{ .Content }} [/INST]{{ end }}'
+            '{{- else if eq .Role "assistant" }} {{ .Content }} </s>{{ end }}\n'
             '{{- end }}'
         )
         stops = ["[INST]", "</s>"]
@@ -313,13 +314,15 @@ def deploy(config: DeployConfig) -> DeployResult:
     t_start = time.perf_counter()
     cfg = config
     out = cfg.out
-    out.mkdir(parents=True, exist_ok=True)
     manifest_path = out / MANIFEST
     old = None if cfg.force else _load_manifest(manifest_path)
     old_steps = {s["name"]: s for s in (old or {}).get("steps", []) if s.get("status") in ("done", "skipped")}
 
     # 1. plan and check everything that can be checked from shapes and small files
     source = merged_source(cfg.base, cfg.loras)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in list(out.glob("*.partial")) + list((out / WORK_DIR).glob("*.partial")):
+        stale.unlink(missing_ok=True)  # left by a killed run; never at a final path
     storage = source.base.storage_dtype() if hasattr(source, "base") else "F16"
     llama_types = [q for q in cfg.quants if q not in DIRECT_TYPES]
     inter_type = _intermediate_type(cfg.quants, storage) if llama_types else None

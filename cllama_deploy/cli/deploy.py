@@ -153,12 +153,14 @@ def _print_types() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from cllama_deploy.gguf.quantize import NEEDS_IMATRIX, QUANT_TYPES
+    from cllama_deploy.gguf.quantize import NEEDS_IMATRIX, QUANT_TYPES, available_types
 
     table = Table(title="quantization types (llama.cpp)")
     for col in ("type", "base tensor type", "notes"):
         table.add_column(col)
     for name, (_, base, desc) in QUANT_TYPES.items():
-        note = desc + (" — not available: needs an importance matrix" if name in NEEDS_IMATRIX else "")
+        note = desc + (" — not available: needs an importance matrix" if name in NEEDS_IMATRIX else
+                       " — not available: the installed gguf package cannot read it"
+                       if name not in available_types() else "")
         table.add_row(name, base, note)
     Console().print(table)

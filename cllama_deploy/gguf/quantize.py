@@ -44,7 +44,7 @@ QUANT_TYPES: dict[str, tuple[str, str, str]] = {
     "Q2_K": ("LLAMA_FTYPE_MOSTLY_Q2_K", "Q2_K", "k-quant mix, ~2.96G for an 8B model"),
     "Q2_K_S": ("LLAMA_FTYPE_MOSTLY_Q2_K_S", "Q2_K", "k-quant, small (needs an importance matrix)"),
     "IQ3_XXS": ("LLAMA_FTYPE_MOSTLY_IQ3_XXS", "IQ3_XXS", "3.06 bpw (needs an importance matrix)"),
-    "IQ3_XS": ("LLAMA_FTYPE_MOSTLY_IQ3_XS", "IQ3_S", "3.3 bpw"),
+    "IQ3_XS": ("LLAMA_FTYPE_MOSTLY_IQ3_XS", "IQ3_S", "3.3 bpw (needs an importance matrix)"),
     "IQ3_S": ("LLAMA_FTYPE_MOSTLY_IQ3_S", "IQ3_S", "3.44 bpw"),
     "IQ3_M": ("LLAMA_FTYPE_MOSTLY_IQ3_M", "IQ3_S", "3.66 bpw mix"),
     "Q3_K_S": ("LLAMA_FTYPE_MOSTLY_Q3_K_S", "Q3_K", "k-quant, small"),
@@ -67,9 +67,11 @@ QUANT_TYPES: dict[str, tuple[str, str, str]] = {
 ALIASES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
 
 # Types llama.cpp refuses to produce without an importance matrix (llama-quant.cpp
-# tensor_requires_imatrix: IQ1_S/IQ1_M/IQ2_XXS/IQ2_XS/IQ2_S/IQ3_XXS tensors, and Q2_K inside Q2_K_S).
-# cllama-deploy does not compute importance matrices.
-NEEDS_IMATRIX = frozenset({"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "Q2_K_S"})
+# tensor_requires_imatrix: IQ1_S/IQ1_M/IQ2_XXS/IQ2_XS/IQ2_S/IQ3_XXS tensors, and Q2_K inside Q2_K_S;
+# IQ2_M and IQ3_XS files contain such tensors). Checked by tests/gguf/test_quantize.py, which
+# quantizes to every other type. cllama-deploy does not compute importance matrices.
+NEEDS_IMATRIX = frozenset({"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_XS",
+                           "Q2_K_S"})
 
 
 def normalize_type(name: str, flag: str = "--type") -> str:
@@ -83,18 +85,30 @@ def normalize_type(name: str, flag: str = "--type") -> str:
     if t not in QUANT_TYPES:
         raise ConfigError(f"{flag} {name!r} is not a llama.cpp quantization type; choose one of "
                           f"{', '.join(available_types())}")
+    if not _gguf_reads(t):
+        raise ConfigError(
+            f"{flag} {t}: the installed gguf package cannot read {QUANT_TYPES[t][1]} tensors, so the result could "
+            "not be checked or inspected; upgrade it (pip install -U gguf) or choose another type"
+        )
     if t in NEEDS_IMATRIX:
         raise ConfigError(
             f"{flag} {t} needs an importance matrix (llama.cpp refuses to make it without one) and "
             "cllama-deploy does not compute one; choose an equally small type that needs none, "
-            "e.g. Q2_K, IQ3_XS, IQ3_S or Q3_K_S"
+            "e.g. Q2_K, IQ3_S or Q3_K_S"
         )
     return t
 
 
+def _gguf_reads(qtype: str) -> bool:
+    # llama.cpp may know newer tensor types than the gguf package we read GGUFs with (Q2_0 in 2026)
+    import gguf
+
+    return QUANT_TYPES[qtype][1] in gguf.GGMLQuantizationType.__members__
+
+
 def available_types() -> list[str]:
-    """Every type ``quantize`` accepts (those not needing an importance matrix)."""
-    return [t for t in QUANT_TYPES if t not in NEEDS_IMATRIX]
+    """Every type ``quantize`` accepts: not needing an importance matrix, readable by the gguf package."""
+    return [t for t in QUANT_TYPES if t not in NEEDS_IMATRIX and _gguf_reads(t)]
 
 
 def ftype_of(qtype: str) -> int:

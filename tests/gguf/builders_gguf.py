@@ -19,6 +19,11 @@ def base_tokenizer(path: Path) -> Path:
     return builders.train_llama_like_sp(path, vocab_size=1000)
 
 
+def zh_tokenizer(path: Path) -> Path:
+    """Chinese unigram tokenizer (1000 pieces: the generated text needs ~600 for its characters)."""
+    return builders.train_zh_sp(path, vocab_size=1000)
+
+
 def merge_sp(base: Path, add: Path, out: Path) -> Path:
     """Append the pieces of ``add`` that ``base`` lacks, score 0, as the seed's merge script does."""
     from sentencepiece import sentencepiece_model_pb2 as pb
@@ -43,6 +48,22 @@ def sp_size(model: Path) -> int:
     import sentencepiece as spm
 
     return spm.SentencePieceProcessor(model_file=str(model)).get_piece_size()
+
+
+def tame(model_dir: Path, scale: float = 0.15) -> Path:
+    """Scale the attention and MLP projections (N(0, 0.5) in make_tiny_llama) to std 0.075, within the
+    range of trained LLaMAs. At std 0.5 the tiny network is chaotic (near-hard attention, huge MLP
+    activations): any rounding, even llama.cpp's f16 KV cache, flips its argmax at 10-15% of positions,
+    which would test the random weights rather than the converter."""
+    from safetensors.numpy import load_file, save_file
+
+    path = Path(model_dir) / "model.safetensors"
+    tensors = load_file(path)
+    for name, value in tensors.items():
+        if value.ndim == 2 and "embed_tokens" not in name and "lm_head" not in name:
+            tensors[name] = value * np.asarray(scale, dtype=value.dtype)
+    save_file(tensors, path, metadata={"format": "pt"})
+    return Path(model_dir)
 
 
 def hf_logits(model_dir: Path, tokens: list[int]) -> np.ndarray:
@@ -73,8 +94,13 @@ def torch_greedy(model, tokens: list[int], n: int) -> list[int]:
 
 
 def load_llama(path: Path, n_ctx: int = 96, **kw):
+    """llama.cpp on one thread, every logit kept, f32 KV cache (the default f16 cache alone moves logits
+    by ~1e-2, more than the parity tolerance)."""
+    import llama_cpp
     from llama_cpp import Llama
 
+    kw.setdefault("type_k", llama_cpp.GGML_TYPE_F32)
+    kw.setdefault("type_v", llama_cpp.GGML_TYPE_F32)
     return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=1, n_threads_batch=1,
                  logits_all=True, verbose=False, seed=0, **kw)
 

@@ -15,9 +15,10 @@ def base_tok(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def merged_tok(tmp_path_factory, base_tok, zh_sp_model):
+def merged_tok(tmp_path_factory, base_tok):
     """LLaMA-like tokenizer with Chinese pieces appended (as the seed's merge does)."""
-    path = bg.merge_sp(base_tok, zh_sp_model, tmp_path_factory.mktemp("gguf_merged_tok") / "tokenizer.model")
+    zh = bg.zh_tokenizer(tmp_path_factory.mktemp("gguf_zh_tok") / "zh.model")
+    path = bg.merge_sp(base_tok, zh, tmp_path_factory.mktemp("gguf_merged_tok") / "tokenizer.model")
     assert bg.sp_size(path) % 256, "the merged vocabulary must not be a multiple of 256"
     return path
 
@@ -33,7 +34,7 @@ SHAPES = {
 def tiny_models(tmp_path_factory, merged_tok):
     root = tmp_path_factory.mktemp("gguf_models")
     n = bg.sp_size(merged_tok)
-    return {name: builders.make_tiny_llama(root / name, n, tokenizer_model=merged_tok, seed=i, **opts)
+    return {name: bg.tame(builders.make_tiny_llama(root / name, n, tokenizer_model=merged_tok, seed=i, **opts))
             for i, (name, opts) in enumerate(SHAPES.items())}
 
 

@@ -36,7 +36,7 @@ def make_lora(base_dir: Path, out_dir: Path, *, base_model=None, new_vocab: int 
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name or "lora_A" in name:
-                p.normal_(0.0, 0.2)
+                p.normal_(0.0, 0.1)
     peft_model.save_pretrained(out_dir)
     if tokenizer_model is not None:
         shutil.copy(tokenizer_model, Path(out_dir) / "tokenizer.model")

@@ -1,0 +1,287 @@
+"""Benchmark: `cllama-deploy deploy --quant Q4_K_M` versus the seed's path, on one random model of
+TinyLlama-1.1B shape with the 49953-token Chinese-LLaMA vocabulary.
+
+Seed's path (Chinese-LLaMA-Alpaca's recipe):
+  1. merge:    transformers + peft: from_pretrained(f16) → PeftModel → merge_and_unload → save_pretrained
+  2. convert:  llama.cpp's convert_hf_to_gguf.py (from the llama-cpp-python sdist) → f16 GGUF
+  3. quantize: llama_cpp.llama_model_quantize → Q4_K_M
+Ours: one `cllama-deploy deploy` process (streaming merge → f16 GGUF → llama.cpp quantize).
+
+Every step runs as its own subprocess; wall time and peak RSS (the child's ru_maxrss from wait4, and a
+psutil sampler over the process tree) are measured per step. Prints a table and ratios, and writes
+JSON (``--json``).
+
+    .venv/bin/python benchmarks/deploy_vs_seed.py --work /tmp/deploy-bench [--threads 2] [--sdist DIR]
+
+Setup (not timed): the tokenizer (LLaMA's 32000 pieces + chinese_sp.model = 49953, from
+/work/shared/data), a random f16 base (22 layers, hidden 2048, intermediate 5632, 32 heads, 4 KV heads)
+written shard by shard with numpy, and a random LoRA (r 8, all 7 projections, embed_tokens/lm_head
+saved through modules_to_save).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+DATA = Path("/work/shared/data")
+
+SHAPE = dict(num_hidden_layers=22, hidden_size=2048, intermediate_size=5632, num_attention_heads=32,
+             num_key_value_heads=4, vocab_size=49953)
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+# -- setup ---------------------------------------------------------------------------------------------
+
+def make_tokenizer(out: Path) -> Path:
+    from cllama_deploy.tokenizer.merge import merge_models
+    from cllama_deploy.tokenizer.spm import load_model
+
+    merged, _, _, _ = merge_models(load_model(DATA / "llama-tokenizer" / "tokenizer.model"),
+                                   load_model(DATA / "chinese_sp.model"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(merged.SerializeToString())
+    return out
+
+
+def _shapes() -> dict[str, tuple[int, ...]]:
+    h, i, v = SHAPE["hidden_size"], SHAPE["intermediate_size"], SHAPE["vocab_size"]
+    kv = h // SHAPE["num_attention_heads"] * SHAPE["num_key_value_heads"]
+    shapes = {"model.embed_tokens.weight": (v, h)}
+    for n in range(SHAPE["num_hidden_layers"]):
+        p = f"model.layers.{n}."
+        shapes.update({
+            p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (h, h), p + "self_attn.k_proj.weight": (kv, h),
+            p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, h),
+            p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h), p + "mlp.down_proj.weight": (h, i),
+        })
+    shapes["model.norm.weight"] = (h,)
+    shapes["lm_head.weight"] = (v, h)
+    return shapes
+
+
+def _rand(rng, shape, std=0.02) -> np.ndarray:
+    if len(shape) == 1:
+        return np.ones(shape, dtype=np.float16)
+    return (rng.standard_normal(shape, dtype=np.float32) * std).astype(np.float16)
+
+
+def make_base(out: Path, tokenizer: Path, shard_bytes: int = 1 << 30) -> Path:
+    from safetensors.numpy import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    shapes = _shapes()
+    shards: list[list[str]] = [[]]
+    used = 0
+    for name, shape in shapes.items():
+        n = int(np.prod(shape)) * 2
+        if shards[-1] and used + n > shard_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(name)
+        used += n
+    weight_map = {}
+    for k, names in enumerate(shards):
+        fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file({name: _rand(rng, shapes[name]) for name in names}, str(out / fname), metadata={"format": "pt"})
+        weight_map.update({name: fname for name in names})
+    total = sum(int(np.prod(s)) * 2 for s in shapes.values())
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                 "weight_map": weight_map}, indent=1))
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+              "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+              "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float16",
+              "initializer_range": 0.02, "attention_bias": False, "mlp_bias": False, **SHAPE}
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    (out / "tokenizer.model").write_bytes(tokenizer.read_bytes())
+    return out
+
+
+def make_lora(out: Path, tokenizer: Path, r: int = 8) -> Path:
+    from safetensors.numpy import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    shapes = _shapes()
+    tensors = {}
+    for name, shape in shapes.items():
+        module = name.rsplit(".", 2)[-2]
+        if module in TARGETS:
+            stem = "base_model.model." + name[: -len(".weight")]
+            tensors[stem + ".lora_A.weight"] = (rng.standard_normal((r, shape[1]), dtype=np.float32) * 0.02)
+            tensors[stem + ".lora_B.weight"] = (rng.standard_normal((shape[0], r), dtype=np.float32) * 0.02)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        tensors["base_model.model." + name] = _rand(rng, shapes[name])
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": 32, "lora_dropout": 0.05,
+           "target_modules": TARGETS, "modules_to_save": ["embed_tokens", "lm_head"], "bias": "none",
+           "fan_in_fan_out": False, "inference_mode": True, "base_model_name_or_path": "base"}
+    (out / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
+    (out / "tokenizer.model").write_bytes(tokenizer.read_bytes())
+    return out
+
+
+# -- measuring -----------------------------------------------------------------------------------------
+
+def run_step(name: str, cmd: list[str], log: Path, env: dict | None = None) -> dict:
+    """Run ``cmd``; wall time and peak RSS (max of the child's ru_maxrss and a psutil tree sampler)."""
+    import psutil
+
+    print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(cmd)}", flush=True)
+    t0 = time.perf_counter()
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
+    peak = [0]
+    done = threading.Event()
+
+    def sample() -> None:
+        try:
+            ps = psutil.Process(proc.pid)
+        except psutil.Error:
+            return
+        while not done.is_set():
+            try:
+                rss = ps.memory_info().rss + sum(c.memory_info().rss for c in ps.children(recursive=True))
+                peak[0] = max(peak[0], rss)
+            except psutil.Error:
+                pass
+            time.sleep(0.05)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    seconds = time.perf_counter() - t0
+    done.set()
+    th.join()
+    peak_rss = max(peak[0], usage.ru_maxrss * 1024)
+    if proc.returncode != 0:
+        tail = log.read_bytes()[-3000:].decode("utf-8", "replace")
+        raise SystemExit(f"{name} failed (exit {proc.returncode}):\n{tail}")
+    print(f"    {seconds:.1f}s, peak RSS {peak_rss / 2**30:.2f} GiB", flush=True)
+    return {"step": name, "seconds": round(seconds, 2), "peak_rss_bytes": int(peak_rss)}
+
+
+SEED_MERGE = """
+import shutil, sys, torch
+from pathlib import Path
+from transformers import AutoModelForCausalLM
+from peft import PeftModel
+base, lora, out = sys.argv[1:4]
+model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float16, low_cpu_mem_usage=True)
+model = PeftModel.from_pretrained(model, lora, dtype=torch.float16)
+model = model.merge_and_unload()
+model.save_pretrained(out, safe_serialization=True)
+shutil.copy(Path(lora) / "tokenizer.model", Path(out) / "tokenizer.model")
+"""
+
+SEED_QUANTIZE = """
+import ctypes, sys, llama_cpp
+inp, out, threads = sys.argv[1], sys.argv[2], int(sys.argv[3])
+p = llama_cpp.llama_model_quantize_default_params()
+p.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+p.nthread = threads
+sys.exit(llama_cpp.llama_model_quantize(inp.encode(), out.encode(), ctypes.byref(p)))
+"""
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description="deploy vs the seed's merge/convert/quantize path")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/deploy-bench"))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--sdist", type=Path, help="unpacked llama-cpp-python sdist (default: download)")
+    ap.add_argument("--json", type=Path, help="write the results here")
+    ap.add_argument("--only", choices=["ours", "seed"], help="run one side only")
+    args = ap.parse_args()
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    py = sys.executable
+
+    base, lora = work / "base", work / "lora"
+    if not (base / "config.json").is_file() or not (lora / "adapter_config.json").is_file():
+        t0 = time.perf_counter()
+        tok = make_tokenizer(work / "tokenizer" / "tokenizer.model")
+        make_base(base, tok)
+        make_lora(lora, tok)
+        print(f"setup: {time.perf_counter() - t0:.0f}s", flush=True)
+    if args.sdist is None and args.only != "ours":
+        from benchmarks.compare_with_llamacpp import get_sdist
+
+        sdist_dir = work / "sdist"
+        sdist_dir.mkdir(exist_ok=True)
+        existing = [p for p in sdist_dir.iterdir() if p.is_dir()]
+        args.sdist = existing[0] if existing else get_sdist(sdist_dir)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), CLLAMA_N_THREADS=str(args.threads))
+
+    results: dict = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                                 "mem_gib": round(__import__("psutil").virtual_memory().total / 2**30, 1)},
+                     "threads": args.threads, "model": SHAPE, "seed": [], "ours": []}
+    import shutil
+
+    if args.only != "seed":
+        out = work / "ours"
+        shutil.rmtree(out, ignore_errors=True)
+        r = run_step("ours: deploy", [py, "-m", "cllama_deploy", "deploy", "--base", str(base), "--lora", str(lora),
+                                      "--quant", "Q4_K_M", "--out", str(out), "--name", "bench",
+                                      "--threads", str(args.threads), "-q"], work / "ours.log", env)
+        manifest = json.loads((out / "manifest.json").read_text())
+        r["steps"] = {s["name"]: {"seconds": s["seconds"], "peak_rss_bytes": s["peak_rss_bytes"]}
+                      for s in manifest["steps"]}
+        results["ours"].append(r)
+    if args.only != "ours":
+        merged, f16, q4 = work / "seed-merged", work / "seed-f16.gguf", work / "seed-Q4_K_M.gguf"
+        shutil.rmtree(merged, ignore_errors=True)
+        script = args.sdist / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py"
+        results["seed"].append(run_step("seed: peft merge + save_pretrained",
+                                        [py, "-c", SEED_MERGE, str(base), str(lora), str(merged)],
+                                        work / "seed-merge.log", env))
+        results["seed"].append(run_step("seed: convert_hf_to_gguf.py f16",
+                                        [py, str(script), str(merged), "--outfile", str(f16), "--outtype", "f16"],
+                                        work / "seed-convert.log", env))
+        results["seed"].append(run_step("seed: quantize Q4_K_M", [py, "-c", SEED_QUANTIZE, str(f16), str(q4),
+                                                                  str(args.threads)], work / "seed-quantize.log", env))
+
+    if results["ours"] and results["seed"]:
+        ours = results["ours"][0]
+        seed = results["seed"]
+        ours_mc = ours["steps"]["convert"]["seconds"]
+        ours_q = ours["steps"]["quantize Q4_K_M"]["seconds"]
+        ours_other = ours["seconds"] - ours_mc - ours_q  # start-up, checks, hashing, manifest
+        seed_mc = seed[0]["seconds"] + seed[1]["seconds"]
+        seed_total = sum(s["seconds"] for s in seed)
+        seed_peak = max(s["peak_rss_bytes"] for s in seed)
+        results["ratios"] = {
+            "peak_rss": round(ours["peak_rss_bytes"] / seed_peak, 3),
+            "merge_convert_time": round((ours_mc + ours_other) / seed_mc, 3),
+            "total_time": round(ours["seconds"] / seed_total, 3),
+        }
+        results["bars"] = {"peak_rss": 0.3, "merge_convert_time": 0.5, "total_time": 0.85}
+        print(json.dumps(results["ratios"], indent=2))
+        print("\n| path | step | wall s | peak RSS GiB |\n|---|---|---:|---:|")
+        for s in seed:
+            print(f"| seed | {s['step'][6:]} | {s['seconds']:.1f} | {s['peak_rss_bytes'] / 2**30:.2f} |")
+        print(f"| seed | **total** | {seed_total:.1f} | {seed_peak / 2**30:.2f} |")
+        for name, s in ours["steps"].items():
+            print(f"| ours | {name} (in-process) | {s['seconds']:.1f} | {s['peak_rss_bytes'] / 2**30:.2f} |")
+        print(f"| ours | start-up, checks, hashing, manifest | {ours_other:.1f} | |")
+        print(f"| ours | **total (one process)** | {ours['seconds']:.1f} | {ours['peak_rss_bytes'] / 2**30:.2f} |")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
