@@ -62,7 +62,7 @@ def train_cmd(
 @app.command("merge")
 def merge_cmd(
     base: Path = typer.Option(..., "--base", help="Base tokenizer: tokenizer.model, HF tokenizer directory or GGUF."),
-    add: Path = typer.Option(..., "--add", help="SentencePiece model whose pieces are appended (e.g. chinese_sp.model)."),
+    add: Path = typer.Option(..., "--add", help="Model whose pieces are appended (e.g. chinese_sp.model; HF dir or GGUF also accepted)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory: tokenizer.model + HF tokenizer files."),
     pad_token: bool = typer.Option(False, "--pad-token", help="Append [PAD] and use it as the pad token (Alpaca)."),
     chat_template: str = typer.Option("alpaca", "--chat-template", help="alpaca, alpaca-2 or a .jinja file."),

@@ -20,7 +20,6 @@ from pathlib import Path
 from cllama_deploy.errors import ConfigError, TokenizerError
 from cllama_deploy.tokenizer.spm import (
     SPACE,
-    load_model,
     model_type_name,
     parse_model,
     pb2,
@@ -41,7 +40,7 @@ class MergeConfig:
     """Settings of ``cllama-deploy tokenizer merge``."""
 
     base: Path = field(metadata={"help": "base tokenizer: tokenizer.model, HF tokenizer dir or GGUF"})
-    add: Path = field(metadata={"help": "SentencePiece model whose pieces are appended"})
+    add: Path = field(metadata={"help": "model whose pieces are appended: .model file, HF dir or GGUF"})
     out: Path = field(metadata={"help": "output directory (tokenizer.model + HF tokenizer files)"})
     pad_token: bool = field(default=False, metadata={"help": "append [PAD] and use it as pad token"})
     chat_template: str = field(default="alpaca", metadata={"help": "alpaca, alpaca-2 or a .jinja file"})
@@ -50,8 +49,8 @@ class MergeConfig:
         self.base, self.add, self.out = Path(self.base), Path(self.add), Path(self.out)
         if not self.base.exists():
             raise ConfigError(f"--base {self.base}: no such file or directory")
-        if not self.add.is_file():
-            raise ConfigError(f"--add {self.add}: no such SentencePiece model file")
+        if not self.add.exists():
+            raise ConfigError(f"--add {self.add}: no such SentencePiece model file or directory")
         if self.out.exists() and not self.out.is_dir():
             raise ConfigError(f"--out {self.out} is a file; give a directory to write the tokenizer into")
         if self.out.is_dir():
@@ -229,7 +228,7 @@ def merge_tokenizers(config: MergeConfig) -> MergeResult:
 
     start = time.perf_counter()
     base = parse_model(resolve_sp_model(config.base), str(config.base))
-    add = load_model(config.add)
+    add = parse_model(resolve_sp_model(config.add), str(config.add))
     merged, added, skipped, pad_id = merge_models(base, add, pad_token=config.pad_token)
     data = merged.SerializeToString()
     verify_merged(data, len(base.pieces), added)
