@@ -83,7 +83,7 @@ def test_llama_cpp_encodes_like_sentencepiece(merged_gguf, merged_pad_dir, mixed
     """llama.cpp on the GGUF we write = SentencePiece on the merged model (the serving side)."""
     import llama_cpp
 
-    llm = llama_cpp.Llama(model_path=str(merged_gguf), vocab_only=True, verbose=False)
+    llm = llama_cpp.Llama(model_path=str(merged_gguf), vocab_only=True, verbose=False, n_threads=1)
     sp = processor(merged_pad_dir / "tokenizer.model")
     for line in mixed:
         want = sp.encode(line)
