@@ -6,6 +6,7 @@ the Trainer reads the distributed environment. Only the main process writes the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -230,8 +231,6 @@ def build_training_args(cfg):
         save_total_limit=cfg.save_total_limit,
         seed=cfg.seed,
         data_seed=cfg.seed,
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
         fp16=cfg.fp16,
         bf16=cfg.bf16,
         deepspeed=cfg.deepspeed,
@@ -247,6 +246,16 @@ def build_training_args(cfg):
     )
     if world > 1 and not torch.cuda.is_available():
         kwargs["ddp_backend"] = "gloo"
+    if not torch.cuda.is_available():
+        kwargs["dataloader_pin_memory"] = False
+        # Without use_cpu, accelerate leaves a multi-process CPU run as DistributedType.NO: every process
+        # would train its own copy with no gradient all-reduce. use_cpu makes it MULTI_CPU (DDP over gloo).
+        kwargs["use_cpu"] = True
+    # transformers 5 renamed gradient checkpointing to activation checkpointing (old names deprecated).
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    ckpt = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    kwargs[ckpt] = cfg.gradient_checkpointing
+    kwargs[f"{ckpt}_kwargs"] = {"use_reentrant": False} if cfg.gradient_checkpointing else None
     try:
         return TrainingArguments(**kwargs)
     except ValueError as exc:
@@ -374,6 +383,11 @@ def train(cfg, callbacks: list | None = None, *, show_summary: bool = True) -> T
                       + (f", {data.dropped} dropped (prompt longer than --max_seq_length)" if data.dropped else "")
                       + (f"; {len(data.eval):,} held out for validation" if data.eval is not None else ""))
 
+    # LoRA's A matrices are drawn when the adapter is created: seed before, so a run (and the run that
+    # resumes it) starts from the same initialization whatever ran earlier in the process.
+    from transformers import set_seed
+
+    set_seed(cfg.seed)
     loaded = load_model(cfg, tok, vplan)
     if main:
         console.print(f"trainable parameters: {loaded.trainable_params:,} of {loaded.total_params:,} "

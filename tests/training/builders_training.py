@@ -8,47 +8,6 @@ from pathlib import Path
 from cllama_deploy.quickstart.corpus import chinese_lines, english_lines
 
 
-def train_base_sp(path: Path, vocab_size: int = 512, seed: int = 0, coverage: float = 0.995) -> Path:
-    """LLaMA-like BPE tokenizer (byte fallback, identity normalizer, dummy prefix), 512 pieces.
-
-    Like ``tests.builders.train_llama_like_sp`` but with a character coverage that fits 512 pieces (that
-    builder asks SentencePiece 0.2.x for 720 required characters and fails at 512); rarer Chinese
-    characters fall back to bytes, as in LLaMA's own tokenizer.
-    """
-    import io
-
-    import sentencepiece as spm
-
-    lines = english_lines(1500, seed=seed) + chinese_lines(150, seed=seed + 1)
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=model, model_type="bpe", vocab_size=vocab_size,
-        byte_fallback=True, split_digits=True, normalization_rule_name="identity", add_dummy_prefix=True,
-        remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, character_coverage=coverage,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, unk_surface=" \u2047 ", max_sentencepiece_length=16,
-        minloglevel=2, num_threads=1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(model.getvalue())
-    return path
-
-
-def train_zh_sp(path: Path, vocab_size: int = 800, seed: int = 0) -> Path:
-    """Chinese unigram model with the seed's settings; 800 pieces because the generated text needs
-    about 610 required characters (``tests.builders.train_zh_sp``'s 400 fails on SentencePiece 0.2.x)."""
-    import io
-
-    import sentencepiece as spm
-
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(chinese_lines(3000, seed=seed + 7)), model_writer=model, model_type="unigram",
-        vocab_size=vocab_size, character_coverage=0.9995, normalization_rule_name="nmt_nfkc", minloglevel=2,
-        num_threads=1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(model.getvalue())
-    return path
-
-
 def merge_sp_models(base_model: Path, extra_model: Path, out: Path) -> Path:
     """Append the pieces of ``extra_model`` missing from ``base_model`` (the Chinese-LLaMA recipe).
 
@@ -91,6 +50,7 @@ def alpaca_records(n: int, seed: int = 0) -> list[dict]:
     lines = chinese_lines(n, seed=seed + 3)
     recs = []
     for i, line in enumerate(lines):
+        line = line[:30]
         head = line[:8]
         recs.append({"instruction": "重复下面句子的开头。" if i % 2 else "Repeat the start of the sentence.",
                      "input": line, "output": head})

@@ -20,11 +20,11 @@ def _adapter_shapes(d: Path) -> dict:
 
 
 def test_torchrun_two_processes_gloo(tmp_path, base_model_dir, merged_tok_dir, pt_data_dir, merged_size):
-    torchrun = Path(sys.executable).with_name("torchrun")
     out = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1",
                PYTHONPATH=str(Path(__file__).resolve().parents[2]))
-    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m",
+    # `python -m torch.distributed.run` is the `torchrun` console script
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
            "cllama_deploy.training", "pt",
            "--model_name_or_path", str(base_model_dir), "--tokenizer_name_or_path", str(merged_tok_dir),
            "--dataset_dir", str(pt_data_dir), "--data_cache_dir", str(tmp_path / "cache"),

@@ -150,7 +150,7 @@ def test_sft_from_pt_adapter_reduces_eval_loss(tmp_path, pt_run, base_model_dir,
     _cfg, pt = pt_run
     cfg = SFTConfig(model_name_or_path=str(base_model_dir), tokenizer_name_or_path=str(merged_tok_dir),
                     dataset_dir=str(sft_data_dir), output_dir=str(tmp_path / "sft"), lora=[str(pt.adapter_dir)],
-                    max_seq_length=96, per_device_train_batch_size=4, max_steps=30, learning_rate=5e-3,
+                    max_seq_length=160, per_device_train_batch_size=4, max_steps=30, learning_rate=5e-3,
                     modules_to_save="none", validation_split_percentage=10.0, **TINY)
     res = train(cfg)
     assert res.eval_loss < res.initial_eval_loss - 0.3, (res.initial_eval_loss, res.eval_loss)
@@ -158,4 +158,4 @@ def test_sft_from_pt_adapter_reduces_eval_loss(tmp_path, pt_run, base_model_dir,
     with safe_open(str(res.adapter_dir / "adapter_model.safetensors"), "pt") as fh:
         assert all("lora_" in k for k in fh.keys())
     # SFT tokens are counted without padding
-    assert 0 < res.tokens <= 30 * 4 * 96
+    assert 0 < res.tokens <= 30 * 4 * 160
