@@ -82,6 +82,19 @@ def build_models(root: Path) -> dict[str, Path]:
     cfg["torch_dtype"] = cfg["dtype"] = "bfloat16"
     (bf / "config.json").write_text(json.dumps(cfg))
     models["bf16"] = bf
+    # Chinese-Alpaca style: one added [PAD] token past the SentencePiece pieces, HF tokenizer files
+    pad = builders.make_tiny_llama(root / "alpaca_pad", n + 1, tokenizer_model=tok, seed=4)
+    (pad / "added_tokens.json").write_text(json.dumps({"[PAD]": n}))
+    (pad / "special_tokens_map.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
+                                                             "unk_token": "<unk>", "pad_token": "[PAD]"}))
+    (pad / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
+        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "[PAD]",
+        "model_max_length": 2048}))
+    cfg = json.loads((pad / "config.json").read_text())
+    cfg["pad_token_id"] = n
+    (pad / "config.json").write_text(json.dumps(cfg))
+    models["alpaca_pad"] = pad
     return models
 
 
@@ -137,6 +150,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sdist", type=Path, help="an unpacked llama-cpp-python sdist (default: download it)")
     ap.add_argument("--keep", type=Path, help="keep the models and GGUFs in this directory")
+    ap.add_argument("--models", nargs="*", help="only these models (mha_untied gqa_tied bf16 alpaca_pad)")
     args = ap.parse_args()
 
     from cllama_deploy.gguf.convert import ConvertConfig, convert
@@ -149,6 +163,8 @@ def main() -> int:
     models = build_models(work / "models")
     all_ok = True
     for name, model in models.items():
+        if args.models and name not in args.models:
+            continue
         for outtype in ("f32", "f16", "bf16", "q8_0"):
             ours, theirs = work / f"{name}-{outtype}-ours.gguf", work / f"{name}-{outtype}-llamacpp.gguf"
             convert(ConvertConfig(model_dir=model, out=ours, outtype=outtype, show_progress=False))
