@@ -102,7 +102,7 @@ def _make_progress_callback(enabled: bool):
                 self.loss = float(logs["loss"])
             parts = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in logs.items()
                      if k in ("loss", "eval_loss", "learning_rate", "grad_norm", "epoch")]
-            if parts:
+            if any(k in logs for k in ("loss", "eval_loss")):
                 self.bar.console.log(f"step {state.global_step}: " + ", ".join(parts))
 
         def on_train_end(self, args, state, control, **kw):
@@ -304,7 +304,13 @@ def _save_adapter(trainer, cfg, tok) -> Path:
 def _quiet_libraries() -> None:
     import transformers
 
+    import warnings
+
     transformers.utils.logging.set_verbosity_warning()
+    transformers.utils.logging.disable_progress_bar()
+    # Deprecation notices raised inside transformers/peft themselves, not by our calls.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*save_embedding_layers.*", category=UserWarning)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         import datasets

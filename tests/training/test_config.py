@@ -134,3 +134,28 @@ def test_module_entry_errors_exit_2(dirs, capsys):
 
     assert main(["pt"] + base_args(dirs) + ["--nonsense"]) == 2
     assert main(["bogus"]) == 2
+
+
+@pytest.mark.parametrize("stage, name", [("pt", "pt_example.yaml"), ("sft", "sft_example.yaml")])
+def test_example_configs_are_valid(stage, name):
+    from pathlib import Path
+
+    from cllama_deploy.training.config import load_yaml_config
+
+    values = load_yaml_config(Path(__file__).resolve().parents[2] / "training" / name, stage)
+    assert values["lora_rank"] == 8 and "model_name_or_path" in values
+
+
+def test_run_scripts_use_known_flags():
+    """Every --flag in training/run_*.sh parses (the seed's recipes port by changing only the command)."""
+    import re
+    from pathlib import Path
+
+    from cllama_deploy.training.config import build_parser
+
+    root = Path(__file__).resolve().parents[2] / "training"
+    for stage in ("pt", "sft"):
+        text = (root / f"run_{stage}.sh").read_text()
+        known = {o for a in build_parser(stage)._actions for o in a.option_strings}
+        flags = set(re.findall(r"(--[a-z0-9_]+)", text.split("cllama_deploy.training", 1)[1]))
+        assert flags and flags <= known, flags - known
