@@ -175,3 +175,15 @@ def test_deepspeed_flag_without_the_package(tmp_path, merged_model_dir, pt_data_
                    deepspeed=str(Path(__file__).resolve().parents[2] / "training" / "ds_zero2_no_offload.json"))
     with pytest.raises(DependencyError, match="pip install deepspeed"):
         train(cfg)
+
+
+def test_peft_path_continues_the_adapter(tmp_path, pt_run, base_model_dir, merged_tok_dir, pt_data_dir):
+    """--peft_path loads the adapter as trainable: training starts where the PT run ended."""
+    cfg0, pt = pt_run
+    cfg = PTConfig(model_name_or_path=str(base_model_dir), tokenizer_name_or_path=str(merged_tok_dir),
+                   dataset_dir=str(pt_data_dir), output_dir=str(tmp_path / "more"), peft_path=str(pt.adapter_dir),
+                   block_size=32, per_device_train_batch_size=4, max_steps=2, learning_rate=1e-3,
+                   validation_split_percentage=10.0, **TINY)
+    res = train(cfg)
+    assert res.initial_eval_loss == pytest.approx(pt.eval_loss, rel=1e-5)
+    assert res.trainable_params == pt.trainable_params
