@@ -190,8 +190,8 @@ def threads_study(model: Path, n_tokens: int) -> list[dict]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", default="/tmp/cllama-serve-bench")
-    ap.add_argument("--tokens", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--tokens", type=int, default=96)
+    ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--threads-study", action="store_true")
     args = ap.parse_args()
@@ -241,9 +241,12 @@ def main() -> int:
     summary = {}
     for k, v in results.items():
         summary[k] = {m: round(statistics.median(x[m] for x in v), 4) for m in ("tok_s", "ttft_s", "total_s")}
+        # other processes only ever slow a run down: the best run is the least disturbed one
+        summary[k]["best_tok_s"] = round(max(x["tok_s"] for x in v), 4)
     base = summary["in_process"]
     for k in ("ours_http", "llama_cpp_server_http"):
         summary[k]["tok_s_ratio_vs_in_process"] = round(summary[k]["tok_s"] / base["tok_s"], 3)
+        summary[k]["best_tok_s_ratio_vs_in_process"] = round(summary[k]["best_tok_s"] / base["best_tok_s"], 3)
         summary[k]["ttft_overhead_ms"] = round((summary[k]["ttft_s"] - base["ttft_s"]) * 1000, 1)
     out = {"model": str(model), "tokens": args.tokens, "repeats": args.repeats, "median": summary,
            f"concurrent_{args.clients}_clients_x3_rounds": conc}

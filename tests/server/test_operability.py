@@ -202,3 +202,24 @@ def test_disconnect_while_queued_leaves_the_queue(keyed, limited_engine):
                 assert bs.wait_until(lambda: limited_engine.stats()["queue_depth"] == 1)
         # closing the connection removed the waiting request, while the engine is still held
         assert bs.wait_until(lambda: limited_engine.stats()["queue_depth"] == 0)
+
+
+def test_disconnect_of_a_waiting_non_streaming_request(keyed, limited_engine):
+    h = {"Authorization": "Bearer k1"}
+    outcome = {}
+
+    def give_up_early():
+        try:
+            httpx.post(keyed.url + "/v1/completions", json={"prompt": "a", "max_tokens": 3}, headers=h,
+                       timeout=httpx.Timeout(30, read=0.8))  # before the 1.5 s server timeout
+        except httpx.ReadTimeout as exc:
+            outcome["error"] = exc
+
+    with bs.engine_held(limited_engine):
+        t = threading.Thread(target=give_up_early)
+        t.start()
+        assert bs.wait_until(lambda: limited_engine.stats()["queue_depth"] == 1)
+        t.join(30)
+        assert isinstance(outcome.get("error"), httpx.ReadTimeout)
+        # the server saw the client go and dropped the waiting request, engine still held
+        assert bs.wait_until(lambda: limited_engine.stats()["queue_depth"] == 0)
