@@ -37,7 +37,7 @@ def test_serve_subprocess_graceful_shutdown(tiny_gguf_path, tmp_path):
         "models:\n"
         f"  - path: {tiny_gguf_path}\n    id: tiny\n"
         f"  - path: {tiny_gguf_path}\n    id: tiny-2\n    chat_template: alpaca-2\n"
-        "n_ctx: 2048\nthreads: 1\nmax_queue: 8\n")
+        "n_ctx: 8192\nthreads: 1\nmax_queue: 8\n")
     env = {**os.environ, "CLLAMA_N_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "cllama_deploy", "serve", "--config", str(cfg),
                              "--port", "0", "--graceful-timeout", "60"],
@@ -59,7 +59,7 @@ def test_serve_subprocess_graceful_shutdown(tiny_gguf_path, tmp_path):
         result = {}
 
         def stream():
-            body = {"model": "tiny", "prompt": "go", "max_tokens": 1500, "stream": True,
+            body = {"model": "tiny", "prompt": "go", "max_tokens": 6000, "stream": True,
                     "logit_bias": {"2": -100}, "temperature": 0}
             result["status"], result["events"] = bs.stream_post(url + "/v1/completions", body, timeout=300)
 
@@ -83,7 +83,7 @@ def test_serve_subprocess_graceful_shutdown(tiny_gguf_path, tmp_path):
     paths = {a["path"] for a in access}
     assert {"/health", "/v1/models", "/v1/chat/completions", "/v1/completions"} <= paths
     done = [a for a in access if a["path"] == "/v1/completions"][-1]
-    assert done["status"] == 200 and done["completion_tokens"] == 1500 and done["model"] == "tiny"
+    assert done["status"] == 200 and done["completion_tokens"] == 6000 and done["model"] == "tiny"
     assert done["finish_reason"] == "length" and "request_id" in done and "duration_ms" in done
 
 
