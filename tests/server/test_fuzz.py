@@ -13,56 +13,70 @@ from hypothesis import strategies as st
 junk = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=False),
                  st.text(max_size=8), st.lists(st.integers(-5, 600), max_size=3),
                  st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
-small_int = st.one_of(st.integers(-2, 12), st.sampled_from([2**31, 2**63, 10**6]), junk)
-unit = st.one_of(st.floats(-1, 3, allow_nan=False), junk)
 text = st.text(max_size=40)
-role = st.one_of(st.sampled_from(["system", "user", "assistant", "developer", "tool"]), junk)
-content = st.one_of(text, st.lists(st.fixed_dictionaries({"type": st.sampled_from(["text", "image_url"]),
-                                                          "text": text}), max_size=2), junk)
-message = st.one_of(st.fixed_dictionaries({"role": role, "content": content}), junk)
-schema = st.one_of(
-    st.just({"type": "object", "properties": {"a": {"type": "integer"}}}),
-    st.just({"type": "string", "maxLength": 3}), st.just({"type": "array", "minItems": 10**9}),
-    st.just({"$ref": "#/nowhere"}), st.just({"type": "nonsense"}), junk)
-response_format = st.one_of(
-    st.fixed_dictionaries({"type": st.sampled_from(["text", "json_object", "json_schema", "xml"])},
-                          optional={"json_schema": st.fixed_dictionaries({"name": text, "schema": schema})}),
-    junk)
 
-common = {
-    "model": st.one_of(st.just("tiny"), text, junk), "temperature": unit, "top_p": unit,
-    "top_k": small_int, "min_p": unit, "max_tokens": small_int, "n": small_int, "seed": small_int,
-    "stop": st.one_of(text, st.lists(text, max_size=3), junk), "presence_penalty": unit,
-    "frequency_penalty": unit, "repeat_penalty": unit, "stream": st.one_of(st.booleans(), junk),
-    "stream_options": st.one_of(st.fixed_dictionaries({"include_usage": st.booleans()}), junk),
-    "logit_bias": st.one_of(st.dictionaries(st.sampled_from(["2", "5", "-1", "x", "99999"]),
-                                            st.floats(-200, 200), max_size=2), junk),
-    "user": st.one_of(text, junk), "response_format": response_format,
+# Valid values (boundaries included) for each parameter; most bodies are built from these so the
+# generation paths run with many parameter combinations, and a share get one field replaced by junk.
+schema = st.sampled_from([
+    {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]},
+    {"type": "string", "maxLength": 3}, {"type": "array", "items": {"type": "boolean"}, "maxItems": 2},
+    {"type": "array", "minItems": 10**9}, {"$ref": "#/nowhere"}, {"type": "nonsense"}, {"enum": ["x", 1]}])
+response_format = st.one_of(
+    st.just({"type": "text"}), st.just({"type": "json_object"}),
+    st.fixed_dictionaries({"type": st.just("json_schema"),
+                           "json_schema": st.fixed_dictionaries({"name": text, "schema": schema})}))
+VALID = {
+    "model": st.sampled_from(["tiny", "tiny", "unknown-model"]),
+    "temperature": st.one_of(st.just(0), st.floats(0, 2)), "top_p": st.floats(0, 1),
+    "top_k": st.integers(0, 2000), "min_p": st.floats(0, 1), "typical_p": st.floats(0.01, 1),
+    "max_tokens": st.integers(1, 12), "n": st.integers(1, 3), "seed": st.integers(-2**63, 2**64 - 1),
+    "stop": st.one_of(text, st.lists(text, max_size=3)), "presence_penalty": st.floats(-2, 2),
+    "frequency_penalty": st.floats(-2, 2), "repeat_penalty": st.floats(0.01, 3),
+    "stream": st.booleans(), "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
+    "logit_bias": st.dictionaries(st.sampled_from(["2", "5", "17", "999"]), st.floats(-100, 100), max_size=2),
+    "user": text, "response_format": response_format,
 }
-chat_body = st.fixed_dictionaries(
-    {"messages": st.one_of(st.lists(message, min_size=1, max_size=3), junk)},
-    optional={**common, "max_completion_tokens": small_int, "logprobs": st.one_of(st.booleans(), junk),
-              "top_logprobs": small_int, "tools": st.one_of(st.just([]), junk)})
-completion_body = st.fixed_dictionaries(
-    {"prompt": st.one_of(text, st.lists(text, max_size=2), st.lists(st.integers(-3, 600), max_size=4),
-                         st.lists(st.lists(st.integers(0, 600), max_size=3), max_size=2), junk)},
-    optional={**common, "logprobs": small_int, "echo": st.one_of(st.booleans(), junk),
-              "suffix": st.one_of(st.none(), text), "best_of": small_int})
-embedding_body = st.fixed_dictionaries(
-    {"input": st.one_of(text, st.lists(text, max_size=3), st.lists(st.integers(-3, 600), max_size=4), junk)},
-    optional={"model": st.one_of(st.just("tiny"), junk), "encoding_format": st.one_of(
-        st.sampled_from(["float", "base64"]), junk), "dimensions": small_int})
+message = st.fixed_dictionaries({
+    "role": st.sampled_from(["system", "user", "assistant", "developer"]),
+    "content": st.one_of(text, st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": text}),
+                                        max_size=2))})
+CHAT = {**VALID, "max_completion_tokens": st.integers(1, 12), "logprobs": st.booleans(),
+        "top_logprobs": st.integers(0, 20)}
+COMPLETION = {**VALID, "logprobs": st.integers(0, 5), "echo": st.booleans()}
+EMBEDDING = {"model": st.just("tiny"), "encoding_format": st.sampled_from(["float", "base64"])}
+
+
+def bodies(required: dict, optional: dict):
+    valid = st.fixed_dictionaries(required, optional=optional)
+    names = sorted({**required, **optional})
+
+    @st.composite
+    def mutated(draw):  # one field (maybe required) replaced by junk or a wrong-typed value
+        body = draw(valid)
+        body[draw(st.sampled_from(names))] = draw(junk)
+        return body
+
+    return st.one_of(valid, valid, mutated())
+
+
+chat_body = bodies({"messages": st.lists(message, min_size=1, max_size=3)}, CHAT)
+completion_body = bodies({"prompt": st.one_of(text, st.lists(text, min_size=1, max_size=2),
+                                              st.lists(st.integers(0, 999), min_size=1, max_size=4))},
+                         COMPLETION)
+embedding_body = bodies({"input": st.one_of(text, st.lists(text, min_size=1, max_size=3),
+                                            st.lists(st.integers(0, 999), min_size=1, max_size=4))},
+                        EMBEDDING)
 tokenizer_body = st.one_of(
-    st.fixed_dictionaries({"content": st.one_of(text, junk)}, optional={"add_special": junk,
-                                                                         "with_pieces": st.booleans()}),
-    st.fixed_dictionaries({"tokens": st.one_of(st.lists(st.integers(-5, 2**40), max_size=5), junk)}))
+    bodies({"content": text}, {"add_special": st.booleans(), "with_pieces": st.booleans()}),
+    bodies({"tokens": st.lists(st.integers(0, 999), max_size=5)}, {}))
 
 requests = st.one_of(
+    st.tuples(st.just("/v1/chat/completions"), chat_body),
     st.tuples(st.just("/v1/chat/completions"), chat_body),
     st.tuples(st.just("/v1/completions"), completion_body),
     st.tuples(st.just("/v1/embeddings"), embedding_body),
     st.tuples(st.sampled_from(["/tokenize", "/detokenize"]), tokenizer_body),
-    st.tuples(st.sampled_from(["/v1/chat/completions", "/v1/completions"]), junk),
+    st.tuples(st.sampled_from(["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]), junk),
 )
 
 
