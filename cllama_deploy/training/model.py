@@ -199,16 +199,19 @@ def init_new_rows(model, old_rows: int, decomposition: list[list[int]]) -> None:
             rows.append(k)
             cols.append(j)
             vals.append(1.0 / len(ids))
+    rows_t = torch.tensor(rows, dtype=torch.long)
+    cols_t = torch.tensor(cols, dtype=torch.long)
+    vals_t = torch.tensor(vals, dtype=torch.float32)
+    chunk = 8192  # bounded memory: chunk × hidden floats at a time (a dense new×old matrix would be GBs)
     with torch.no_grad():
         for w in [emb] + ([head] if head is not None else []):
-            base = w[:old_rows].float()
-            weights = torch.zeros(n_new, old_rows, dtype=torch.float32)
-            if rows:
-                weights.index_put_((torch.tensor(rows), torch.tensor(cols)), torch.tensor(vals),
-                                   accumulate=True)
-            new = weights @ base
+            base = w[:old_rows]
+            new = torch.zeros(n_new, w.shape[1], dtype=torch.float32)
+            for i in range(0, len(rows), chunk):
+                part = base[cols_t[i:i + chunk]].float() * vals_t[i:i + chunk, None]
+                new.index_add_(0, rows_t[i:i + chunk], part)
             if empty:
-                new[torch.tensor(empty)] = base.mean(0)
+                new[torch.tensor(empty)] = base.float().mean(0)
             w[old_rows:old_rows + n_new] = new.to(w.dtype)
 
 
