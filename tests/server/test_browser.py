@@ -41,6 +41,9 @@ def test_chat_page_streams_an_answer(browser, url, engine, monkeypatch):
     page.wait_for_function("document.querySelector('#model').options.length > 0")
     page.fill("#maxTokens", "24")
     page.fill("#system", "You are a helpful assistant.")
+    # greedy, so the answer (and how many pieces it arrives in) does not depend on chance
+    page.evaluate("""() => { const t = document.getElementById('temperature'); t.value = '0';
+                            t.dispatchEvent(new Event('input')); }""")
     page.evaluate("""() => {
         window.__updates = 0;
         new MutationObserver(() => { window.__updates++; })
