@@ -164,6 +164,17 @@ class _RssSampler:
         return False
 
 
+def release_memory() -> None:
+    """Give freed heap memory back to the OS between steps (glibc keeps it otherwise, and llama.cpp's
+    quantization would then run on top of what the conversion left behind)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 # -- input hashing ------------------------------------------------------------------------------------
 
 def _input_files(directory: Path) -> list[Path]:
@@ -380,6 +391,7 @@ def deploy(config: DeployConfig) -> DeployResult:
         t0 = time.perf_counter()
         with _RssSampler() as sampler:
             yield rec
+            release_memory()
         rec["seconds"] = round(time.perf_counter() - t0, 3)
         rec["peak_rss_bytes"] = sampler.peak
         manifest["steps"].append(rec)

@@ -315,6 +315,78 @@ def _encode(data: np.ndarray, qtype: str) -> np.ndarray:
     return gguf.quants.quantize(np.ascontiguousarray(data), gguf.GGMLQuantizationType[qtype])
 
 
+# While one tensor is encoded and written, the next one is read (and merged) in a worker thread if its
+# float32 form is at most this size; larger ones (the embeddings) are read afterwards, so that at most
+# one large tensor is in memory at a time.
+PREFETCH_BYTES = 64 << 20
+
+
+def _load(source: TensorSource, t: _Tensor, p: LlamaParams) -> np.ndarray:
+    if t.hf is None:
+        return llama3_rope_factors(p)
+    data = source.get(t.hf)
+    if data.dtype not in (np.float32, np.float16):
+        data = data.astype(np.float32)
+    if tuple(data.shape) != t.shape:
+        raise ShapeMismatchError(f"tensor {t.hf!r}: shape {list(data.shape)} differs from the "
+                                 f"announced {list(t.shape)}; the checkpoint is inconsistent")
+    if t.permute:
+        data = permute_qk(data, t.permute)
+    return data
+
+
+def _tensors(source: TensorSource, plan: list[_Tensor], p: LlamaParams):
+    """``(tensor, data)`` in plan order; the next small tensor is prepared while the caller works
+    (numpy and BLAS release the GIL, so reading/merging overlaps encoding/writing)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gguf-prefetch") as pool:
+        pending = None
+        for i, t in enumerate(plan):
+            data = pending.result() if pending is not None else _load(source, t, p)
+            pending = None
+            if i + 1 < len(plan) and int(np.prod(plan[i + 1].shape)) * 4 <= PREFETCH_BYTES:
+                pending = pool.submit(_load, source, plan[i + 1], p)
+            yield t, data
+            del data
+
+
+# Rows are encoded and written this many values at a time, so that a large tensor (the embeddings)
+# never exists twice in memory (float32 and its f16/q8_0 encoding).
+CHUNK_VALUES = 1 << 22
+
+
+def _write_tensor(writer, data: np.ndarray, qtype: str) -> None:
+    """Append one tensor's data to a writer whose tensor-info table is written, in row chunks.
+
+    GGUFWriter.write_tensor_data takes a whole encoded tensor; to encode chunk by chunk we do what it
+    does (pop the next tensor info, align, write, pad) on the writer's open file. GGUF rows are
+    independent for every type we write (Q8_0 blocks never span rows), so the bytes are the same.
+    """
+    fouts, tensors = getattr(writer, "fout", None), getattr(writer, "tensors", None)
+    small = data.size <= CHUNK_VALUES or data.ndim < 2
+    if small or not (isinstance(fouts, list) and isinstance(tensors, list) and hasattr(writer, "write_padding")):
+        writer.write_tensor_data(_encode(data, qtype))  # the public path (any gguf version)
+        return
+    import gguf
+
+    file_id = next(i for i, t in enumerate(tensors) if t)
+    fout = fouts[file_id]
+    info = tensors[file_id].pop(next(iter(tensors[file_id])))
+    writer.write_padding(fout, fout.tell())
+    rows = data.reshape(-1, data.shape[-1])
+    step = max(1, CHUNK_VALUES // rows.shape[1])
+    written = 0
+    for i in range(0, rows.shape[0], step):
+        chunk = _encode(rows[i:i + step], qtype)
+        chunk.tofile(fout)
+        written += chunk.nbytes
+    if written != info.nbytes:
+        raise RuntimeError(f"wrote {written} bytes for a tensor of {info.nbytes}")  # a bug, not user input
+    writer.write_padding(fout, written)
+    writer.state = gguf.gguf_writer.WriterState.WEIGHTS
+
+
 # -- vocabulary ----------------------------------------------------------------------------------------
 
 def load_vocab(tokenizer_dir: Path | None, config: dict, tokenizer_model: Path | None = None):
@@ -484,20 +556,9 @@ def convert_source(source: TensorSource, outputs: Sequence[tuple[str | Path, str
             w.write_ti_data_to_file()
         bar = stack.enter_context(_progress(show_progress))
         task = bar.add_task("convert", total=total_bytes) if bar else None
-        for t in plan:
-            if t.hf is None:
-                data = llama3_rope_factors(p)
-            else:
-                data = source.get(t.hf)
-                if data.dtype not in (np.float32, np.float16):
-                    data = data.astype(np.float32)
-                if tuple(data.shape) != t.shape:
-                    raise ShapeMismatchError(f"tensor {t.hf!r}: shape {list(data.shape)} differs from the "
-                                             f"announced {list(t.shape)}; the checkpoint is inconsistent")
-                if t.permute:
-                    data = permute_qk(data, t.permute)
+        for t, data in _tensors(source, plan, p):
             for _, _, w, types in writers:
-                w.write_tensor_data(_encode(data, types[t.name]))
+                _write_tensor(w, data, types[t.name])
             del data
             if bar:
                 bar.update(task, advance=int(np.prod(t.shape)))

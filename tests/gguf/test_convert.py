@@ -129,3 +129,16 @@ def test_streaming_multi_output_equals_single_outputs(tmp_path, tiny_models, tin
     for path, t in outs:
         assert path.read_bytes() == tiny_ggufs["gqa_tied"][t].read_bytes(), t
     assert not list(tmp_path.glob("*.partial"))
+
+
+def test_chunked_tensor_writes_are_byte_identical(tmp_path, tiny_models, tiny_ggufs, monkeypatch):
+    """Large tensors are encoded and written in row chunks; the bytes must not change."""
+    import cllama_deploy.gguf.convert as conv
+    from cllama_deploy.merge import merged_source
+
+    monkeypatch.setattr(conv, "CHUNK_VALUES", 1000)  # every 2-D tensor is chunked, rows split unevenly
+    src = merged_source(tiny_models["mha_untied"], [])
+    outs = [(tmp_path / f"{t}.gguf", t) for t in ("f32", "f16", "q8_0")]
+    conv.convert_source(src, outs, name="mha_untied", show_progress=False)
+    for path, t in outs:
+        assert path.read_bytes() == tiny_ggufs["mha_untied"][t].read_bytes(), t
