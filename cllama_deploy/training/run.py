@@ -6,6 +6,7 @@ the Trainer reads the distributed environment. Only the main process writes the 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -302,9 +303,9 @@ def _save_adapter(trainer, cfg, tok) -> Path:
 
 
 def _quiet_libraries() -> None:
-    import transformers
-
     import warnings
+
+    import transformers
 
     transformers.utils.logging.set_verbosity_warning()
     transformers.utils.logging.disable_progress_bar()
@@ -351,10 +352,12 @@ def train(cfg, callbacks: list | None = None, *, show_summary: bool = True) -> T
     _quiet_libraries()
     rank, local_rank, world = _world()
     main = rank == 0
-    if world > 1 and not torch.cuda.is_available():
-        # Share the CPU cores between the local processes instead of oversubscribing them.
+    if world > 1 and not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
+        # Share the CPU cores between the local processes instead of oversubscribing them (torchrun
+        # normally sets OMP_NUM_THREADS=1 itself; an explicit setting is respected).
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    cfg = copy.copy(cfg)  # defaults resolved below (do_eval, --auto_batch) must not leak into the caller's
 
     tok = data_mod.load_text_tokenizer(cfg.tokenizer_path)
     vplan = plan_vocab(cfg, tok)
