@@ -146,6 +146,15 @@ def _checkpoints(output_dir: Path) -> list[Path]:
                   key=lambda p: int(p.name.split("-")[-1]))
 
 
+def _complete(ckpt: Path) -> bool:
+    """The Trainer writes trainer_state.json last: a checkpoint without a readable one was cut short."""
+    try:
+        json.loads((ckpt / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def _world() -> tuple[int, int, int]:
     return (int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
             int(os.environ.get("WORLD_SIZE", 1)))
@@ -155,10 +164,18 @@ def _resolve_resume(cfg) -> str | None:
     out = Path(cfg.output_dir)
     existing = _checkpoints(out)
     if cfg.resume == "latest":
-        if not existing:
-            raise ConfigError(f"--resume: no checkpoint-* directory in {out} to resume from")
-        return str(existing[-1])
+        complete = [p for p in existing if _complete(p)]
+        if not complete:
+            raise ConfigError(f"--resume: no complete checkpoint-* directory in {out} to resume from")
+        skipped = [p.name for p in existing if p not in complete and int(p.name.split("-")[-1]) >
+                   int(complete[-1].name.split("-")[-1])]
+        if skipped and _world()[0] == 0:
+            log.warning("skipping incomplete checkpoint(s) %s (interrupted while saving)", ", ".join(skipped))
+        return str(complete[-1])
     if cfg.resume:
+        if not _complete(Path(cfg.resume)):
+            raise ConfigError(f"--resume {cfg.resume}: not a complete Trainer checkpoint (no readable "
+                              f"trainer_state.json)")
         return str(Path(cfg.resume))
     if existing and cfg.do_train:
         if not cfg.overwrite_output_dir:

@@ -120,6 +120,9 @@ def test_resume_is_exact(tmp_path, merged_model_dir, merged_tok_dir, pt_data_dir
     full = train(PTConfig(output_dir=str(tmp_path / "full"), **common))
     part = train(PTConfig(output_dir=str(tmp_path / "part"), **common), callbacks=[StopAt(4)])
     assert part.global_step == 4 and (tmp_path / "part" / "checkpoint-4").is_dir()
+    # a checkpoint cut short by a kill while saving (no trainer_state.json yet) is skipped
+    (tmp_path / "part" / "checkpoint-5").mkdir()
+    (tmp_path / "part" / "checkpoint-5" / "adapter_model.safetensors").write_bytes(b"partial")
     resumed = train(PTConfig(output_dir=str(tmp_path / "part"), resume="latest", **common))
     assert resumed.resumed_from.endswith("checkpoint-4") and resumed.global_step == 8
     a, b = _losses(full.log_history), _losses(resumed.log_history)
@@ -139,7 +142,7 @@ def test_existing_checkpoints_need_resume_or_overwrite(tmp_path, merged_model_di
         train(cfg)
     cfg = PTConfig(model_name_or_path=str(merged_model_dir), dataset_dir=str(pt_data_dir),
                    output_dir=str(tmp_path / "empty"), max_steps=1, resume="latest")
-    with pytest.raises(ConfigError, match="no checkpoint"):
+    with pytest.raises(ConfigError, match="no complete checkpoint"):
         train(cfg)
 
 
