@@ -52,31 +52,25 @@ def normalize_quants(quants: Sequence[str]) -> list[str]:
 
 @dataclass
 class DeployConfig:
-    """Options of ``cllama-deploy deploy``.
+    """Options of ``cllama-deploy deploy``."""
 
-    Attributes:
-        base: base model, a Hugging Face LLaMA directory.
-        loras: PEFT LoRA adapter directories, merged in this order (e.g. the PT LoRA, then the SFT LoRA).
-        quants: output types: F32, F16, BF16, Q8_0 and every llama.cpp type (Q4_K_M, Q5_K_M, IQ4_XS, …).
-        out: output directory (GGUFs, Modelfiles, manifest.json).
-        name: file name stem and general.name (default: the last adapter's directory name, or the base's).
-        keep_hf: also write the merged Hugging Face model to ``<out>/<name>-hf``.
-        chat_template: alpaca, alpaca-2, none, or a Jinja file, written into every GGUF.
-        threads: llama.cpp quantization threads (default: $CLLAMA_N_THREADS or all cores).
-        force: redo every step even if the manifest says it is done.
-    """
-
-    base: Path
-    loras: list[Path] = field(default_factory=list)
-    quants: list[str] = field(default_factory=lambda: ["Q4_K_M"])
-    out: Path = Path("deploy-out")
-    name: str | None = None
-    keep_hf: bool = False
-    chat_template: str = "alpaca"
-    threads: int | None = None
-    force: bool = False
-    show_progress: bool = True
-    verbose: bool = False
+    base: Path = field(metadata={"help": "Base model: a Hugging Face LLaMA directory."})
+    loras: list[Path] = field(default_factory=list, metadata={
+        "help": "PEFT LoRA adapter directories, merged in this order (the PT LoRA, then the SFT LoRA)."})
+    quants: list[str] = field(default_factory=lambda: ["Q4_K_M"], metadata={
+        "help": "Output types: F32, F16, BF16, Q8_0 and every llama.cpp type (Q4_K_M, Q5_K_M, IQ4_XS, ...)."})
+    out: Path = field(default=Path("deploy-out"), metadata={
+        "help": "Output directory (GGUFs, Modelfiles, manifest.json)."})
+    name: str | None = field(default=None, metadata={
+        "help": "File name stem and general.name (default: the last adapter's directory name, or the base's)."})
+    keep_hf: bool = field(default=False, metadata={"help": "Also write the merged HF model to OUT/NAME-hf."})
+    chat_template: str = field(default="alpaca", metadata={
+        "help": "alpaca, alpaca-2, none, or a Jinja file, written into every GGUF."})
+    threads: int | None = field(default=None, metadata={
+        "help": "llama.cpp quantization threads (default: $CLLAMA_N_THREADS or all cores)."})
+    force: bool = field(default=False, metadata={"help": "Redo every step even if the manifest says it is done."})
+    show_progress: bool = field(default=True, metadata={"help": "Progress bars on stderr."})
+    verbose: bool = field(default=False, metadata={"help": "Show llama.cpp's log."})
 
     def __post_init__(self) -> None:
         from cllama_deploy.gguf.convert import resolve_chat_template

@@ -51,24 +51,18 @@ CHAT_TEMPLATE_CHOICES = "alpaca, alpaca-2, none, or a path to a .jinja file"
 
 @dataclass
 class ConvertConfig:
-    """Options of ``cllama-deploy convert``.
+    """Options of ``cllama-deploy convert``."""
 
-    Attributes:
-        model_dir: Hugging Face LLaMA directory (config.json, safetensors or .bin, tokenizer.model).
-        out: output GGUF file.
-        outtype: f32, f16, bf16 or q8_0.
-        chat_template: alpaca (seed v1 prompt), alpaca-2, none, or a path to a Jinja file.
-        name: ``general.name`` (default: the model directory's name).
-        tokenizer: a ``tokenizer.model`` to use instead of the one in ``model_dir``.
-    """
-
-    model_dir: Path
-    out: Path
-    outtype: str = "f16"
-    chat_template: str = "alpaca"
-    name: str | None = None
-    tokenizer: Path | None = None
-    show_progress: bool = True
+    model_dir: Path = field(metadata={"help": "Hugging Face LLaMA directory (config.json, safetensors or .bin, "
+                                              "tokenizer.model)."})
+    out: Path = field(metadata={"help": "Output GGUF file (written atomically)."})
+    outtype: str = field(default="f16", metadata={"help": "f32, f16, bf16 or q8_0."})
+    chat_template: str = field(default="alpaca", metadata={
+        "help": "alpaca (the seed's v1 prompt), alpaca-2, none, or a path to a Jinja file."})
+    name: str | None = field(default=None, metadata={"help": "general.name (default: the directory's name)."})
+    tokenizer: Path | None = field(default=None, metadata={
+        "help": "A tokenizer.model to use instead of the one in model_dir."})
+    show_progress: bool = field(default=True, metadata={"help": "Draw a progress bar on stderr."})
 
     def __post_init__(self) -> None:
         self.model_dir = Path(self.model_dir)
@@ -311,7 +305,9 @@ def _encode(data: np.ndarray, qtype: str) -> np.ndarray:
     if qtype == "F32":
         return np.ascontiguousarray(data, dtype=np.float32)
     if qtype == "F16":
-        return np.ascontiguousarray(data, dtype=np.float16)
+        from cllama_deploy.gguf.fastcast import f32_to_f16
+
+        return f32_to_f16(data)
     return gguf.quants.quantize(np.ascontiguousarray(data), gguf.GGMLQuantizationType[qtype])
 
 
@@ -335,18 +331,28 @@ def _load(source: TensorSource, t: _Tensor, p: LlamaParams) -> np.ndarray:
     return data
 
 
-def _tensors(source: TensorSource, plan: list[_Tensor], p: LlamaParams):
-    """``(tensor, data)`` in plan order; the next small tensor is prepared while the caller works
-    (numpy and BLAS release the GIL, so reading/merging overlaps encoding/writing)."""
+def _tensors(source: TensorSource, plan: list[_Tensor], p: LlamaParams, workers: int = 2):
+    """``(tensor, data)`` in plan order. Up to ``workers`` small tensors ahead are read and merged in
+    threads while the caller encodes and writes (numpy, BLAS and ggml release the GIL); large ones are
+    read in turn, so at most one large tensor is in memory at a time."""
+    from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gguf-prefetch") as pool:
-        pending = None
+    def small(t: _Tensor) -> bool:
+        return int(np.prod(t.shape)) * 4 <= PREFETCH_BYTES
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gguf-prefetch") as pool:
+        ahead: deque = deque()  # futures for plan[i + 1], plan[i + 2], ... (small tensors only)
+        nxt = 0  # next plan index not yet submitted
         for i, t in enumerate(plan):
-            data = pending.result() if pending is not None else _load(source, t, p)
-            pending = None
-            if i + 1 < len(plan) and int(np.prod(plan[i + 1].shape)) * 4 <= PREFETCH_BYTES:
-                pending = pool.submit(_load, source, plan[i + 1], p)
+            if ahead and ahead[0][0] == i:
+                data = ahead.popleft()[1].result()
+            else:
+                data = _load(source, t, p)
+            nxt = max(nxt, i + 1)
+            while nxt < len(plan) and len(ahead) < workers and small(plan[nxt]):
+                ahead.append((nxt, pool.submit(_load, source, plan[nxt], p)))
+                nxt += 1
             yield t, data
             del data
 

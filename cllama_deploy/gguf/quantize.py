@@ -141,29 +141,22 @@ def default_threads() -> int:
 
 @dataclass
 class QuantizeConfig:
-    """Options of ``cllama-deploy quantize``.
+    """Options of ``cllama-deploy quantize``."""
 
-    Attributes:
-        input: GGUF to quantize (f32, f16 or bf16; a quantized one needs allow_requantize).
-        output: GGUF to write.
-        type: llama.cpp type, e.g. Q4_K_M, Q5_K_M, Q8_0, IQ4_XS (case-insensitive).
-        threads: quantization threads (default: $CLLAMA_N_THREADS or all cores).
-        output_tensor_type: GGML type for output.weight (e.g. q8_0), default llama.cpp's choice.
-        token_embedding_type: GGML type for token_embd.weight, default llama.cpp's choice.
-        pure: quantize every tensor to the base type (no k-quant mixture).
-        allow_requantize: allow an already-quantized input (loses quality).
-        verbose: show llama.cpp's log on stderr.
-    """
-
-    input: Path
-    output: Path
-    type: str = "Q4_K_M"
-    threads: int | None = None
-    output_tensor_type: str | None = None
-    token_embedding_type: str | None = None
-    pure: bool = False
-    allow_requantize: bool = False
-    verbose: bool = False
+    input: Path = field(metadata={"help": "GGUF to quantize (f32, f16 or bf16)."})
+    output: Path = field(metadata={"help": "GGUF to write (atomically)."})
+    type: str = field(default="Q4_K_M", metadata={
+        "help": "llama.cpp type, e.g. Q4_K_M, Q5_K_M, Q8_0, IQ4_XS (case-insensitive)."})
+    threads: int | None = field(default=None, metadata={
+        "help": "Quantization threads (default: $CLLAMA_N_THREADS or all cores)."})
+    output_tensor_type: str | None = field(default=None, metadata={
+        "help": "GGML type for output.weight (e.g. q8_0); default: llama.cpp's choice."})
+    token_embedding_type: str | None = field(default=None, metadata={
+        "help": "GGML type for token_embd.weight; default: llama.cpp's choice."})
+    pure: bool = field(default=False, metadata={"help": "Every tensor gets the base type (no k-quant mixture)."})
+    allow_requantize: bool = field(default=False, metadata={
+        "help": "Accept an already-quantized input (quality suffers)."})
+    verbose: bool = field(default=False, metadata={"help": "Show llama.cpp's log on stderr."})
 
     def __post_init__(self) -> None:
         self.input, self.output = Path(self.input), Path(self.output)

@@ -142,3 +142,14 @@ def test_chunked_tensor_writes_are_byte_identical(tmp_path, tiny_models, tiny_gg
     conv.convert_source(src, outs, name="mha_untied", show_progress=False)
     for path, t in outs:
         assert path.read_bytes() == tiny_ggufs["mha_untied"][t].read_bytes(), t
+
+
+def test_fast_f16_cast_is_byte_identical_to_numpy():
+    from cllama_deploy.gguf.fastcast import f32_to_f16
+
+    x = np.random.default_rng(0).standard_normal((300, 257)).astype(np.float32) * 3
+    x[0, :10] = [0.0, -0.0, 1e-8, -6e-5, 6.1e-5, 65504.0, 65520.0, 1e6, np.inf, -np.inf]
+    x[1, :] = np.linspace(-1e-4, 1e-4, 257)  # subnormal halves
+    with np.errstate(over="ignore"):
+        assert f32_to_f16(x).view(np.uint16).tobytes() == x.astype(np.float16).view(np.uint16).tobytes()
+    assert f32_to_f16(x[:, ::2]).shape == (300, 129)  # non-contiguous input
