@@ -1,4 +1,4 @@
-"""Fixture builders for the training tests: a merged tokenizer, text and Alpaca data."""
+"""Fixture builders for the training tests: text and Alpaca data."""
 
 from __future__ import annotations
 
@@ -6,29 +6,6 @@ import json
 from pathlib import Path
 
 from cllama_deploy.quickstart.corpus import chinese_lines, english_lines
-
-
-def merge_sp_models(base_model: Path, extra_model: Path, out: Path) -> Path:
-    """Append the pieces of ``extra_model`` missing from ``base_model`` (the Chinese-LLaMA recipe).
-
-    Kept independent of the tokenizer package so these tests only depend on SentencePiece itself.
-    """
-    from sentencepiece import sentencepiece_model_pb2 as pb
-
-    base = pb.ModelProto()
-    base.ParseFromString(Path(base_model).read_bytes())
-    extra = pb.ModelProto()
-    extra.ParseFromString(Path(extra_model).read_bytes())
-    have = {p.piece for p in base.pieces}
-    for p in extra.pieces:
-        if p.type != pb.ModelProto.SentencePiece.NORMAL or p.piece in have:
-            continue
-        new = base.pieces.add()
-        new.piece, new.score, new.type = p.piece, 0.0, pb.ModelProto.SentencePiece.NORMAL
-        have.add(p.piece)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(base.SerializeToString())
-    return out
 
 
 def piece_count(model: Path) -> int:

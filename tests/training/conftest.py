@@ -11,9 +11,12 @@ from tests.training import builders_training as bt
 
 @pytest.fixture(scope="session")
 def merged_tok_dir(tmp_path_factory, base_sp_model, zh_sp_model):
-    """Directory with the merged (base 512 + Chinese) tokenizer.model."""
-    d = tmp_path_factory.mktemp("merged_tok")
-    bt.merge_sp_models(base_sp_model, zh_sp_model, d / "tokenizer.model")
+    """The merged (base 512 + Chinese) tokenizer as `cllama-deploy tokenizer merge` writes it
+    (tokenizer.model + HF files)."""
+    from cllama_deploy.tokenizer.merge import MergeConfig, merge_tokenizers
+
+    d = tmp_path_factory.mktemp("merged_tok") / "tok"
+    merge_tokenizers(MergeConfig(base=base_sp_model, add=zh_sp_model, out=d))
     return d
 
 

@@ -47,7 +47,7 @@ def test_pt_adapter_format(pt_run, merged_size):
     assert set(conf["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                            "down_proj"}
     assert set(conf["modules_to_save"]) == {"embed_tokens", "lm_head"}
-    assert (d / "tokenizer.model").is_file()
+    assert (d / "tokenizer.model").is_file() and (d / "tokenizer_config.json").is_file()
     with safe_open(str(d / "adapter_model.safetensors"), "pt") as fh:
         keys = set(fh.keys())
         assert fh.get_slice("base_model.model.model.embed_tokens.weight").get_shape() == [merged_size, 64]
@@ -152,13 +152,16 @@ def test_sft_from_pt_adapter_reduces_eval_loss(tmp_path, pt_run, base_model_dir,
     from safetensors import safe_open
 
     _cfg, pt = pt_run
-    cfg = SFTConfig(model_name_or_path=str(base_model_dir), tokenizer_name_or_path=str(merged_tok_dir),
+    # the bare tokenizer.model file this time: the adapter's HF tokenizer files are generated
+    cfg = SFTConfig(model_name_or_path=str(base_model_dir),
+                    tokenizer_name_or_path=str(merged_tok_dir / "tokenizer.model"),
                     dataset_dir=str(sft_data_dir), output_dir=str(tmp_path / "sft"), lora=[str(pt.adapter_dir)],
                     max_seq_length=160, per_device_train_batch_size=4, max_steps=30, learning_rate=5e-3,
                     modules_to_save="none", validation_split_percentage=10.0, **TINY)
     res = train(cfg)
     assert res.eval_loss < res.initial_eval_loss - 0.3, (res.initial_eval_loss, res.eval_loss)
     assert res.adapter_dir.name == "sft_lora_model"
+    assert (res.adapter_dir / "tokenizer.model").is_file() and (res.adapter_dir / "tokenizer_config.json").is_file()
     with safe_open(str(res.adapter_dir / "adapter_model.safetensors"), "pt") as fh:
         assert all("lora_" in k for k in fh.keys())
     # SFT tokens are counted without padding
