@@ -13,7 +13,7 @@ import json
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncIterator, Optional, Union
 
 import numpy as np
 from fastapi import Request
@@ -191,17 +191,40 @@ async def until_disconnect(request: Request, coro, streams) -> Any:
     raise ClientDisconnected()
 
 
-def _observe(request: Request, engine: Engine, results: list[ChoiceResult]) -> None:
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _open(request: Request, body) -> Engine:
+    """The engine ``body.model`` names; tags the request for the access log."""
+    engine = request.app.state.registry.get(body.model)
+    request.state.model, request.state.stream, request.state.user = (
+        engine.info.id, bool(body.stream), body.user)
+    return engine
+
+
+async def _gather(request: Request, engine: Engine, streams, indexes: list[int],
+                  prompt_tokens: int) -> Optional[tuple[list[ChoiceResult], dict[str, int]]]:
+    """Run a non-streaming request to the end: the choices and usage, or None if the client left.
+
+    Records metrics and the access-log fields on the way.
+    """
+    rstate = request.state
+    try:
+        results = await until_disconnect(request, collect(streams, indexes), streams)
+    except ClientDisconnected:
+        rstate.disconnected = True
+        return None
     metrics = request.app.state.metrics
     for r in results:
         if r.final is not None:
             metrics.observe_generation(engine.info.id, r.final)
-
-
-def _usage(prompt_tokens: int, results: list[ChoiceResult]) -> dict[str, int]:
-    completion = sum(r.usage.completion_tokens for r in results if r.usage is not None)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-            "total_tokens": prompt_tokens + completion}
+    usage = _usage(prompt_tokens,
+                   sum(r.usage.completion_tokens for r in results if r.usage is not None))
+    rstate.prompt_tokens, rstate.completion_tokens = usage["prompt_tokens"], usage["completion_tokens"]
+    rstate.finish_reason = results[0].finish_reason
+    return results, usage
 
 
 class SSEResponse(StreamingResponse):
@@ -242,6 +265,94 @@ class SSEResponse(StreamingResponse):
 
 def _sse(data: Any) -> str:
     return "data: " + json.dumps(data, ensure_ascii=False, separators=(",", ":")) + "\n\n"
+
+
+_Format = Union["_ChatFormat", "_CompletionFormat"]  # how an endpoint words its stream chunks
+
+
+async def _respond(request: Request, engine: Engine, streams, indexes: list[int], fmt: _Format,
+                   rid: str, prompt_tokens: int, body) -> Response:
+    """The response to a submitted chat or text completion: an SSE stream or one JSON object.
+
+    ``fmt`` words the endpoint's choices and chunks; the rest is the same for both endpoints.
+    """
+    created = int(time.time())
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return SSEResponse(_drive_sse(request, engine, streams, indexes, fmt, rid, created,
+                                      prompt_tokens, include_usage))
+    gathered = await _gather(request, engine, streams, indexes, prompt_tokens)
+    if gathered is None:
+        return Response(status_code=499)
+    results, usage = gathered
+    return JSONResponse({
+        "id": rid, "object": fmt.object, "created": created, "model": engine.info.id,
+        "system_fingerprint": FINGERPRINT,
+        "choices": [{"index": r.index, **fmt.choice(k, r), "finish_reason": r.finish_reason}
+                    for k, r in enumerate(results)],
+        "usage": usage,
+    })
+
+
+async def _drive_sse(request: Request, engine: Engine, streams, indexes: list[int], fmt: _Format,
+                     rid: str, created: int, prompt_tokens: int,
+                     include_usage: bool) -> AsyncIterator[str]:
+    """The SSE body of a streaming request, one choice after another.
+
+    ``fmt`` words each choice's chunks; this driver does the rest: metrics, the usage chunk, the
+    error event, ``[DONE]``, the access-log fields, and cancelling the generations when the stream
+    does not finish.
+    """
+    model = engine.info.id
+    rstate = request.state
+    metrics = request.app.state.metrics
+    completion_tokens = 0
+
+    def chunk(index: int, choice: dict, finish: Optional[str] = None) -> str:
+        data = {"id": rid, "object": fmt.chunk_object, "created": created, "model": model,
+                "system_fingerprint": FINGERPRINT,
+                "choices": [{"index": index, **choice, "finish_reason": finish}]}
+        if include_usage:
+            data["usage"] = None
+        return _sse(data)
+
+    finished = False
+    try:
+        for k, (stream, index) in enumerate(zip(streams, indexes)):
+            for choice in fmt.opening(k):
+                yield chunk(index, choice)
+            final: Optional[Chunk] = None
+            async for c in stream:
+                if c.text or (fmt.want_lp and c.logprobs):
+                    yield chunk(index, fmt.piece(c))
+                if c.finish_reason:
+                    final = c
+            if final is None:  # cancelled underneath us: report it rather than end silently
+                raise APIError(500, "generation ended without a result", type="server_error")
+            metrics.observe_generation(model, final)
+            completion_tokens += final.usage.completion_tokens
+            rstate.finish_reason = final.finish_reason
+            yield chunk(index, fmt.closing(), final.finish_reason)
+        if include_usage:
+            yield _sse({"id": rid, "object": fmt.chunk_object, "created": created, "model": model,
+                        "system_fingerprint": FINGERPRINT, "choices": [],
+                        "usage": _usage(prompt_tokens, completion_tokens)})
+        finished = True
+        yield "data: [DONE]\n\n"
+    except (asyncio.CancelledError, GeneratorExit):
+        rstate.disconnected = True
+        raise
+    except Exception as exc:
+        err = to_api_error(exc)
+        rstate.error = err.code or err.type
+        metrics.stream_errors.labels(model).inc()
+        yield _sse(err.body())
+        yield "data: [DONE]\n\n"
+    finally:
+        rstate.prompt_tokens, rstate.completion_tokens = prompt_tokens, completion_tokens
+        if not finished:
+            for s in streams:
+                s.cancel()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,11 +406,8 @@ def chat_messages(body: ChatCompletionRequest) -> list[dict[str, str]]:
 
 
 async def chat_completion(request: Request, body: ChatCompletionRequest):
-    state = request.app.state
-    settings = state.settings
-    engine = state.registry.get(body.model)
-    rstate = request.state
-    rstate.model, rstate.stream, rstate.user = engine.info.id, bool(body.stream), body.user
+    settings = request.app.state.settings
+    engine = _open(request, body)
     if body.tools or body.functions:
         raise APIError(400, "tools and functions are not supported by this server", param="tools")
     n = body.n or 1
@@ -319,32 +427,8 @@ async def chat_completion(request: Request, body: ChatCompletionRequest):
         streams = submit_all(engine, reqs)
     except Exception as exc:
         raise to_api_error(exc, param="messages") from None
-    created = int(time.time())
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        gen = _chat_sse(request, engine, streams, rid, created, len(prompt), include_usage,
-                        bool(body.logprobs))
-        return SSEResponse(gen)
-    try:
-        results = await until_disconnect(request, collect(streams, list(range(n))), streams)
-    except ClientDisconnected:
-        rstate.disconnected = True
-        return Response(status_code=499)
-    _observe(request, engine, results)
-    usage = _usage(len(prompt), results)
-    rstate.prompt_tokens, rstate.completion_tokens = usage["prompt_tokens"], usage["completion_tokens"]
-    rstate.finish_reason = results[0].finish_reason
-    return JSONResponse({
-        "id": rid, "object": "chat.completion", "created": created, "model": engine.info.id,
-        "system_fingerprint": FINGERPRINT,
-        "choices": [{
-            "index": r.index,
-            "message": {"role": "assistant", "content": r.text, "refusal": None},
-            "logprobs": chat_logprobs(r.logprobs) if body.logprobs else None,
-            "finish_reason": r.finish_reason,
-        } for r in results],
-        "usage": usage,
-    })
+    return await _respond(request, engine, streams, list(range(n)), _ChatFormat(bool(body.logprobs)),
+                          rid, len(prompt), body)
 
 
 def _seeded(params: SamplingParams, i: int) -> SamplingParams:
@@ -353,60 +437,27 @@ def _seeded(params: SamplingParams, i: int) -> SamplingParams:
     return dataclasses.replace(params, seed=params.seed + i)
 
 
-async def _chat_sse(request: Request, engine: Engine, streams, rid: str, created: int,
-                    prompt_tokens: int, include_usage: bool, want_lp: bool) -> AsyncIterator[str]:
-    model = engine.info.id
-    rstate = request.state
-    metrics = request.app.state.metrics
-    completion_tokens = 0
+@dataclass
+class _ChatFormat:
+    """How chat words a choice: a message; streamed, a role delta, content deltas, an empty delta."""
 
-    def chunk(index: int, delta: dict, finish: Optional[str] = None, lp=None) -> str:
-        data = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                "system_fingerprint": FINGERPRINT,
-                "choices": [{"index": index, "delta": delta,
-                             "logprobs": chat_logprobs(lp) if (want_lp and lp is not None) else None,
-                             "finish_reason": finish}]}
-        if include_usage:
-            data["usage"] = None
-        return _sse(data)
+    want_lp: bool
+    object = "chat.completion"
+    chunk_object = "chat.completion.chunk"
 
-    finished = False
-    try:
-        for index, stream in enumerate(streams):
-            yield chunk(index, {"role": "assistant", "content": ""})
-            final: Optional[Chunk] = None
-            async for c in stream:
-                if c.text or (want_lp and c.logprobs):
-                    yield chunk(index, {"content": c.text}, lp=c.logprobs or [])
-                if c.finish_reason:
-                    final = c
-            if final is None:  # cancelled underneath us: report it rather than end silently
-                raise APIError(500, "generation ended without a result", type="server_error")
-            metrics.observe_generation(model, final)
-            completion_tokens += final.usage.completion_tokens
-            rstate.finish_reason = final.finish_reason
-            yield chunk(index, {}, final.finish_reason)
-        if include_usage:
-            yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                        "system_fingerprint": FINGERPRINT, "choices": [],
-                        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                                  "total_tokens": prompt_tokens + completion_tokens}})
-        finished = True
-        yield "data: [DONE]\n\n"
-    except (asyncio.CancelledError, GeneratorExit):
-        rstate.disconnected = True
-        raise
-    except Exception as exc:
-        err = to_api_error(exc)
-        rstate.error = err.code or err.type
-        metrics.stream_errors.labels(model).inc()
-        yield _sse(err.body())
-        yield "data: [DONE]\n\n"
-    finally:
-        rstate.prompt_tokens, rstate.completion_tokens = prompt_tokens, completion_tokens
-        if not finished:
-            for s in streams:
-                s.cancel()
+    def choice(self, k: int, r: ChoiceResult) -> dict:
+        return {"message": {"role": "assistant", "content": r.text, "refusal": None},
+                "logprobs": chat_logprobs(r.logprobs) if self.want_lp else None}
+
+    def opening(self, k: int) -> list[dict]:
+        return [{"delta": {"role": "assistant", "content": ""}, "logprobs": None}]
+
+    def piece(self, c: Chunk) -> dict:
+        return {"delta": {"content": c.text},
+                "logprobs": chat_logprobs(c.logprobs or []) if self.want_lp else None}
+
+    def closing(self) -> dict:
+        return {"delta": {}, "logprobs": None}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -433,11 +484,8 @@ def completion_prompts(engine: Engine, prompt, echo: bool) -> tuple[list[list[in
 
 
 async def completion(request: Request, body: CompletionRequest):
-    state = request.app.state
-    settings = state.settings
-    engine = state.registry.get(body.model)
-    rstate = request.state
-    rstate.model, rstate.stream, rstate.user = engine.info.id, bool(body.stream), body.user
+    settings = request.app.state.settings
+    engine = _open(request, body)
     n = body.n or 1
     check_n(n, settings.max_n)
     if body.best_of is not None and body.best_of != n:
@@ -468,95 +516,47 @@ async def completion(request: Request, body: CompletionRequest):
         streams = submit_all(engine, reqs)
     except Exception as exc:
         raise to_api_error(exc, param="prompt") from None
-    prompt_tokens = sum(len(t) for t in prompts)
-    created = int(time.time())
-    want_lp = body.logprobs is not None
-    with_top = bool(body.logprobs)
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        gen = _completion_sse(request, engine, streams, indexes, echoes, rid, created, prompt_tokens,
-                              include_usage, want_lp, with_top)
-        return SSEResponse(gen)
-    try:
-        results = await until_disconnect(request, collect(streams, indexes), streams)
-    except ClientDisconnected:
-        rstate.disconnected = True
-        return Response(status_code=499)
-    _observe(request, engine, results)
-    usage = _usage(prompt_tokens, results)
-    rstate.prompt_tokens, rstate.completion_tokens = usage["prompt_tokens"], usage["completion_tokens"]
-    rstate.finish_reason = results[0].finish_reason
-    return JSONResponse({
-        "id": rid, "object": "text_completion", "created": created, "model": engine.info.id,
-        "system_fingerprint": FINGERPRINT,
-        "choices": [{
-            "index": r.index, "text": echo + r.text,
-            "logprobs": completion_logprobs(r.logprobs, len(echo), with_top) if want_lp else None,
-            "finish_reason": r.finish_reason,
-        } for r, echo in zip(results, echoes)],
-        "usage": usage,
-    })
+    fmt = _CompletionFormat(want_lp=body.logprobs is not None, with_top=bool(body.logprobs),
+                            echoes=echoes)
+    return await _respond(request, engine, streams, indexes, fmt, rid,
+                          sum(len(t) for t in prompts), body)
 
 
-async def _completion_sse(request: Request, engine: Engine, streams, indexes, echoes, rid, created,
-                          prompt_tokens, include_usage, want_lp, with_top) -> AsyncIterator[str]:
-    model = engine.info.id
-    rstate = request.state
-    metrics = request.app.state.metrics
-    completion_tokens = 0
+@dataclass
+class _CompletionFormat:
+    """How text completion words a choice: its text after the echoed prompt (if any); streamed,
+    the echo, text pieces, an empty text.
 
-    def chunk(index: int, text: str, finish: Optional[str] = None, lp=None, offset: int = 0) -> str:
-        data = {"id": rid, "object": "text_completion", "created": created, "model": model,
-                "system_fingerprint": FINGERPRINT,
-                "choices": [{"index": index, "text": text,
-                             "logprobs": completion_logprobs(lp or [], offset, with_top)
-                             if want_lp and lp is not None else None,
-                             "finish_reason": finish}]}
-        if include_usage:
-            data["usage"] = None
-        return _sse(data)
+    Logprob ``text_offset`` counts from the start of the choice's text, echo included, so while
+    streaming the formatter keeps the current choice's offset (choices stream one after another).
+    """
 
-    finished = False
-    try:
-        for stream, index, echo in zip(streams, indexes, echoes):
-            offset = 0
-            if echo:
-                yield chunk(index, echo)
-                offset = len(echo)
-            final: Optional[Chunk] = None
-            async for c in stream:
-                if c.text or (want_lp and c.logprobs):
-                    yield chunk(index, c.text, lp=c.logprobs or [], offset=offset)
-                    offset += len(c.text)
-                if c.finish_reason:
-                    final = c
-            if final is None:
-                raise APIError(500, "generation ended without a result", type="server_error")
-            metrics.observe_generation(model, final)
-            completion_tokens += final.usage.completion_tokens
-            rstate.finish_reason = final.finish_reason
-            yield chunk(index, "", final.finish_reason)
-        if include_usage:
-            yield _sse({"id": rid, "object": "text_completion", "created": created, "model": model,
-                        "system_fingerprint": FINGERPRINT, "choices": [],
-                        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                                  "total_tokens": prompt_tokens + completion_tokens}})
-        finished = True
-        yield "data: [DONE]\n\n"
-    except (asyncio.CancelledError, GeneratorExit):
-        rstate.disconnected = True
-        raise
-    except Exception as exc:
-        err = to_api_error(exc)
-        rstate.error = err.code or err.type
-        metrics.stream_errors.labels(model).inc()
-        yield _sse(err.body())
-        yield "data: [DONE]\n\n"
-    finally:
-        rstate.prompt_tokens, rstate.completion_tokens = prompt_tokens, completion_tokens
-        if not finished:
-            for s in streams:
-                s.cancel()
+    want_lp: bool
+    with_top: bool
+    echoes: list[str]
+    offset: int = 0
+    object = "text_completion"
+    chunk_object = "text_completion"
+
+    def choice(self, k: int, r: ChoiceResult) -> dict:
+        echo = self.echoes[k]
+        return {"text": echo + r.text,
+                "logprobs": completion_logprobs(r.logprobs, len(echo), self.with_top)
+                if self.want_lp else None}
+
+    def opening(self, k: int) -> list[dict]:
+        echo = self.echoes[k]
+        self.offset = len(echo)
+        return [{"text": echo, "logprobs": None}] if echo else []
+
+    def piece(self, c: Chunk) -> dict:
+        lp = (completion_logprobs(c.logprobs or [], self.offset, self.with_top) if self.want_lp
+              else None)
+        self.offset += len(c.text)
+        return {"text": c.text, "logprobs": lp}
+
+    def closing(self) -> dict:
+        return {"text": "", "logprobs": None}
 
 
 # ---------------------------------------------------------------------------------------------
