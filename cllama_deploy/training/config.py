@@ -71,7 +71,9 @@ class TrainConfig:
                                                  "Default: the model directory.")
     base_tokenizer_path: Optional[str] = flag(None, "The base model's own tokenizer.model, used to "
                                               "initialize new embedding rows. Default: "
-                                              "<model_name_or_path>/tokenizer.model.")
+                                              "<model_name_or_path>/tokenizer.model, or the "
+                                              "tokenizer.model of the last --lora adapter that "
+                                              "grew the vocabulary.")
     init_new_embeddings: str = flag("mean_of_pieces", "How to initialize rows added when the tokenizer is "
                                     "larger than the model: mean_of_pieces (mean of the base embeddings of "
                                     "the pieces the base tokenizer splits the new piece into) or default "

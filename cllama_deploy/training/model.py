@@ -96,6 +96,9 @@ def plan_vocab(cfg, tok) -> VocabPlan:
     if rows <= 0:
         raise CheckpointError(f"{cfg.model_name_or_path}/config.json has no vocab_size")
     notes = []
+    # The tokenizer that matches the current rows: the model's own, or that of the last adapter that grew
+    # the vocabulary (the "Plus" recipe: SFT on top of a PT adapter that saved 49953-row embeddings).
+    rows_tokenizer = Path(cfg.model_name_or_path) / "tokenizer.model"
     for adapter in list(cfg.lora) + ([cfg.peft_path] if cfg.peft_path else []):
         a_rows = adapter_vocab_rows(adapter)
         if a_rows and a_rows != rows:
@@ -104,6 +107,7 @@ def plan_vocab(cfg, tok) -> VocabPlan:
                                          f"model has {rows}; it was trained on another base")
             notes.append(f"adapter {adapter} grows the vocabulary {rows} → {a_rows}")
             rows = a_rows
+            rows_tokenizer = Path(adapter) / "tokenizer.model"
     n_tok = len(tok)
     plan = VocabPlan(model_rows=rows, tokenizer_size=n_tok, notes=notes)
     if n_tok < rows:
@@ -114,7 +118,7 @@ def plan_vocab(cfg, tok) -> VocabPlan:
     if n_tok == rows:
         return plan
     # Growing: the merged tokenizer must keep the base pieces first, in order.
-    base = Path(cfg.base_tokenizer_path) if cfg.base_tokenizer_path else Path(cfg.model_name_or_path) / "tokenizer.model"
+    base = Path(cfg.base_tokenizer_path) if cfg.base_tokenizer_path else rows_tokenizer
     if base.is_dir():
         base = base / "tokenizer.model"
     if not base.is_file():

@@ -168,6 +168,28 @@ def test_sft_from_pt_adapter_reduces_eval_loss(tmp_path, pt_run, base_model_dir,
     assert 0 < res.tokens <= 30 * 4 * 160
 
 
+def test_sft_with_pad_tokenizer_on_top_of_pt_adapter(tmp_path, pt_run, base_model_dir, base_sp_model,
+                                                     zh_sp_model, sft_data_dir, merged_size):
+    """The seed's Chinese-Alpaca-Plus: PT adapter grew the vocabulary to N (merged tokenizer), SFT uses the
+    N+1 tokenizer with [PAD]. The row added by SFT is planned against the PT adapter's tokenizer, not the
+    base model's (whose size no longer matches the pre-merged model)."""
+    from safetensors import safe_open
+
+    from cllama_deploy.tokenizer.merge import MergeConfig, merge_tokenizers
+
+    pad_tok = tmp_path / "tok_pad"
+    merge_tokenizers(MergeConfig(base=base_sp_model, add=zh_sp_model, out=pad_tok, pad_token=True))
+    _cfg, pt = pt_run
+    cfg = SFTConfig(model_name_or_path=str(base_model_dir), tokenizer_name_or_path=str(pad_tok),
+                    dataset_dir=str(sft_data_dir), output_dir=str(tmp_path / "sft"), lora=[str(pt.adapter_dir)],
+                    max_seq_length=160, per_device_train_batch_size=4, max_steps=4, validation_split_percentage=10.0,
+                    **TINY)
+    res = train(cfg)
+    with safe_open(str(res.adapter_dir / "adapter_model.safetensors"), "pt") as fh:
+        rows = {k: fh.get_slice(k).get_shape()[0] for k in fh.keys() if "lora_" not in k}
+    assert rows and set(rows.values()) == {merged_size + 1}, rows
+
+
 def test_deepspeed_flag_without_the_package(tmp_path, merged_model_dir, pt_data_dir):
     """--deepspeed passes through to TrainingArguments; without the package the error says what to do."""
     import importlib.util
