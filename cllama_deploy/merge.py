@@ -150,10 +150,16 @@ class MergedSource:
             weight = self.base.get(self._read_from.get(name, name))
         owned = False
         for op in ops[start + 1:]:
-            if not owned:
-                weight = np.array(weight, dtype=np.float32)
-                owned = True
-            weight += self.adapters[op.adapter].delta(op.target, weight.shape)
+            delta = self.adapters[op.adapter].delta(op.target, weight.shape)
+            if not owned and delta.flags.c_contiguous:
+                # add the (f16/f32, memory-mapped) base straight into the fresh f32 delta: no widened copy
+                np.add(delta, weight, out=delta)
+                weight = delta
+            else:
+                if not owned:
+                    weight = np.array(weight, dtype=np.float32)
+                weight += delta
+            owned = True
         return weight
 
     def __repr__(self) -> str:

@@ -311,8 +311,8 @@ class LoraAdapter:
         """``scale * B @ A`` as float32, in the layout of a base tensor of ``base_shape``."""
         pair = self.lora[target]
         a, b = self.tensor(pair.a_key), self.tensor(pair.b_key)
-        delta = b @ a
-        delta *= np.float32(pair.scale)
+        # scale the (out, r) factor, not the (out, in) product: one pass over the big matrix fewer
+        delta = (b * np.float32(pair.scale)) @ a
         if pair.embedding:
             return delta.T
         if self._transposed(target, base_shape):
