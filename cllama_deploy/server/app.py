@@ -63,7 +63,9 @@ def create_app(settings: Settings, engine: Union[Engine, ModelRegistry, Iterable
         version=__version__,
         description="OpenAI-compatible API over llama.cpp. Errors are OpenAI error objects.",
         lifespan=lifespan,
+        docs_url=None,  # served below from local Swagger UI assets: laptops may be offline
     )
+    _mount_offline_docs(app)
     app.state.settings = settings
     app.state.registry = registry
     app.state.metrics = Metrics(registry.engines)
@@ -85,3 +87,18 @@ def create_app(settings: Settings, engine: Union[Engine, ModelRegistry, Iterable
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
                            allow_headers=["*"], expose_headers=["x-request-id"])
     return app
+
+
+def _mount_offline_docs(app: FastAPI) -> None:
+    """``/docs`` with Swagger UI from the ``swagger-ui-bundle-v2`` package instead of a CDN."""
+    import swagger_ui_bundle
+    from fastapi.openapi.docs import get_swagger_ui_html
+
+    app.mount("/docs-assets", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs():
+        return get_swagger_ui_html(openapi_url=app.openapi_url, title="cllama-deploy API",
+                                   swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs-assets/swagger-ui.css",
+                                   swagger_favicon_url="/docs-assets/favicon-32x32.png")

@@ -21,7 +21,7 @@ access_log = logging.getLogger("cllama_deploy.access")
 
 # Paths anyone may reach without an API key: the chat page and its assets (the page asks for the key),
 # health checks, Prometheus scraping, and the API docs.
-PUBLIC_PREFIXES = ("/static/",)
+PUBLIC_PREFIXES = ("/static/", "/docs-assets/")
 PUBLIC_PATHS = {"/", "/health", "/metrics", "/docs", "/redoc", "/openapi.json", "/favicon.ico",
                 "/docs/oauth2-redirect"}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import httpx
 import pytest
@@ -49,7 +50,13 @@ def test_models_health_docs(url):
     assert httpx.get(url + "/v1/models/tiny").json()["id"] == "tiny"
     assert_error(httpx.get(url + "/v1/models/nope"), 404, "model_not_found", "model")
     assert httpx.get(url + "/health").json() == {"status": "ok", "models": ["tiny"]}
-    assert httpx.get(url + "/docs").status_code == 200
+    docs = httpx.get(url + "/docs")
+    assert docs.status_code == 200
+    # the docs page works offline: every script and stylesheet comes from this server
+    assets = re.findall(r'(?:src|href)="([^"]+\.(?:js|css))"', docs.text)
+    assert assets and all(a.startswith("/docs-assets/") for a in assets), assets
+    for a in assets:
+        assert httpx.get(url + a).status_code == 200, a
     spec = httpx.get(url + "/openapi.json").json()
     for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/tokenize",
                  "/detokenize", "/health", "/metrics"):
