@@ -28,11 +28,13 @@ def _fsync_dir(directory: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, durable: bool = True) -> Iterator[Path]:
     """Yield a temporary path to write; on success it is fsynced and renamed to ``path``.
 
     On any exception (KeyboardInterrupt included) the temporary file is removed and nothing
-    appears at ``path``.
+    appears at ``path``. ``durable=False`` skips the fsyncs, for scratch files that a later step
+    consumes and deletes: the rename alone already protects them against a killed process (only a
+    power loss could leave them short).
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -41,10 +43,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         tmp.unlink()
     try:
         yield tmp
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
+        if durable:
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
         os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        if durable:
+            _fsync_dir(final.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()

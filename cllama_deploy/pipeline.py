@@ -298,10 +298,10 @@ def _file_ok(rec: dict, out_dir: Path) -> bool:
     return st.st_size == rec.get("size") and st.st_mtime_ns == rec.get("mtime_ns")
 
 
-def _record_file(path: Path, out_dir: Path, sha: str | None = None) -> dict:
+def _record_file(path: Path, out_dir: Path, sha: str | None = None, hash_it: bool = True) -> dict:
     st = path.stat()
     return {"file": str(path.relative_to(out_dir)), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-            "sha256": sha or sha256_file(path)}
+            "sha256": sha or (sha256_file(path) if hash_it else None)}
 
 
 def deploy(config: DeployConfig) -> DeployResult:
@@ -427,14 +427,17 @@ def deploy(config: DeployConfig) -> DeployResult:
         skip(prev)
     else:
         with step("convert") as rec:
+            # the intermediate is scratch (quantized, then deleted): no fsync, no SHA256
+            scratch = [p for p, _ in direct if p.parent.name == WORK_DIR]
             res = convert_source(source, direct, name=cfg.name, chat_template=cfg.chat_template,
-                                 show_progress=cfg.show_progress)
+                                 show_progress=cfg.show_progress, scratch=scratch)
             in_digest = inputs_digest()
             convert_key = convert_key_for(in_digest)
             rec["key"] = convert_key
             for o in res.outputs:
-                frec = _record_file(o.path, out)
-                frec["intermediate"] = o.path.parent.name == WORK_DIR
+                intermediate = o.path.parent.name == WORK_DIR
+                frec = _record_file(o.path, out, hash_it=not intermediate)
+                frec["intermediate"] = intermediate
                 frec["tensor_types"] = o.tensor_types
                 rec["files"].append(frec)
 

@@ -24,7 +24,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Collection, Sequence
 
 import numpy as np
 
@@ -524,7 +524,7 @@ def _new_writer(rows: list[tuple], plan: list[_Tensor], outtype: str):
 
 def convert_source(source: TensorSource, outputs: Sequence[tuple[str | Path, str]], *, name: str = "model",
                    chat_template: str | None = "alpaca", tokenizer_model: Path | None = None,
-                   show_progress: bool = True) -> ConvertResult:
+                   show_progress: bool = True, scratch: Collection[str | Path] = ()) -> ConvertResult:
     """Write one GGUF per ``(path, outtype)`` from a :class:`TensorSource`, reading each tensor once.
 
     Args:
@@ -534,6 +534,8 @@ def convert_source(source: TensorSource, outputs: Sequence[tuple[str | Path, str
         chat_template: alpaca, alpaca-2, a Jinja file path, or None / "none" to write none.
         tokenizer_model: a ``tokenizer.model`` to use instead of ``source.tokenizer_dir``'s.
         show_progress: draw a progress bar on stderr.
+        scratch: output paths that a later step consumes and deletes (deploy's intermediate GGUF):
+            renamed into place atomically but not fsynced.
 
     Raises:
         CheckpointError / ShapeMismatchError / TokenizerError: the model or tokenizer is unusable.
@@ -555,7 +557,9 @@ def convert_source(source: TensorSource, outputs: Sequence[tuple[str | Path, str
     n_params = sum(int(np.prod(t.shape)) for t in plan)
     total_bytes = sum(int(np.prod(t.shape)) for t in plan)
     with contextlib.ExitStack() as stack:
-        tmp_paths = [stack.enter_context(atomic_path(path)) for path, *_ in writers]
+        scratch_paths = {Path(x) for x in scratch}
+        tmp_paths = [stack.enter_context(atomic_path(path, durable=path not in scratch_paths))
+                     for path, *_ in writers]
         for tmp, (_, _, w, _) in zip(tmp_paths, writers):
             w.write_header_to_file(path=tmp)
             w.write_kv_data_to_file()
