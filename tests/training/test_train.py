@@ -215,3 +215,46 @@ def test_peft_path_continues_the_adapter(tmp_path, pt_run, base_model_dir, merge
     res = train(cfg)
     assert res.initial_eval_loss == pytest.approx(pt.eval_loss, rel=1e-5)
     assert res.trainable_params == pt.trainable_params
+
+
+def test_resume_after_sigkill(tmp_path, merged_model_dir, merged_tok_dir, pt_data_dir):
+    """A run killed with SIGKILL loses at most the steps since its last complete checkpoint; resuming
+    continues from there with the same losses as a run that was never interrupted."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    flags = dict(model_name_or_path=str(merged_model_dir), tokenizer_name_or_path=str(merged_tok_dir),
+                 dataset_dir=str(pt_data_dir), data_cache_dir=str(tmp_path / "cache"), block_size=32,
+                 per_device_train_batch_size=2, max_steps=60, learning_rate=5e-3,
+                 validation_split_percentage=0.0, logging_steps=1, save_steps=4, lora_rank=4, seed=7)
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "cllama_deploy.training", "pt", "--output_dir", str(killed), "--no_progress_bar"]
+    for k, v in flags.items():
+        cmd += [f"--{k}", str(v)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
+               PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    try:
+        while not (killed / "checkpoint-8" / "trainer_state.json").is_file():
+            assert proc.poll() is None, f"training ended before it could be killed: {proc.stderr.read()[-3000:]}"
+            assert time.monotonic() < deadline, "no checkpoint-8 within 300 s"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (killed / "pt_lora_model").exists()  # no final adapter from a killed run
+
+    resumed = train(PTConfig(output_dir=str(killed), resume="latest", progress_bar=False, **flags))
+    start = int(resumed.resumed_from.rsplit("-", 1)[1])
+    assert start >= 8 and start % 4 == 0 and resumed.global_step == 60
+    full = train(PTConfig(output_dir=str(tmp_path / "full"), progress_bar=False, **flags))
+    a, b = _losses(full.log_history), _losses(resumed.log_history)
+    assert sorted(s for s in b if s > start) == list(range(start + 1, 61))
+    for step in range(start + 1, 61):
+        assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), (step, a[step], b[step])
