@@ -220,14 +220,16 @@ class MergeConfig:
     """Options of ``cllama-deploy merge``."""
 
     base: Path = field(metadata={"help": "Hugging Face base model directory (config.json + weights)."})
-    loras: list[Path] = field(metadata={"help": "PEFT LoRA adapter directories, applied in this order."})
+    loras: list[Path] = field(metadata={"flag": "--lora", "help": "PEFT LoRA adapter directory; repeat to apply "
+                                        "several in order (pre-training LoRA first, then the SFT LoRA)."})
     out: Path = field(metadata={"help": "Output directory for the merged HF model (replaced atomically)."})
     shard_size: str | int = field(default="5GB", metadata={"help": "Largest safetensors shard, e.g. 5GB."})
     dtype: str = field(default="auto", metadata={
         "help": "Output dtype: auto (the base's storage dtype), float32, float16 or bfloat16."})
-    check_tokenizer: bool = field(default=True, metadata={
-        "help": "Check the tokenizer's size against the merged vocabulary."})
-    show_progress: bool = field(default=True, metadata={"help": "Show a progress bar per tensor."})
+    check_tokenizer: bool = field(default=True, metadata={"flag": "--no-check-tokenizer", "invert": True,
+        "help": "Skip comparing the tokenizer's size with the merged vocabulary."})
+    show_progress: bool = field(default=True, metadata={"help": "No progress bar.", "flag": ("--quiet", "-q"),
+                                                        "invert": True})
 
     def __post_init__(self) -> None:
         self.base = Path(self.base)

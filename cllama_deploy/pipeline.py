@@ -55,22 +55,23 @@ class DeployConfig:
     """Options of ``cllama-deploy deploy``."""
 
     base: Path = field(metadata={"help": "Base model: a Hugging Face LLaMA directory."})
-    loras: list[Path] = field(default_factory=list, metadata={
+    loras: list[Path] = field(default_factory=list, metadata={"flag": "--lora",
         "help": "PEFT LoRA adapter directories, merged in this order (the PT LoRA, then the SFT LoRA)."})
-    quants: list[str] = field(default_factory=lambda: ["Q4_K_M"], metadata={
+    quants: list[str] = field(default_factory=lambda: ["Q4_K_M"], metadata={"flag": "--quant",
         "help": "Output types: F32, F16, BF16, Q8_0 and every llama.cpp type (Q4_K_M, Q5_K_M, IQ4_XS, ...)."})
     out: Path = field(default=Path("deploy-out"), metadata={
         "help": "Output directory (GGUFs, Modelfiles, manifest.json)."})
-    name: str | None = field(default=None, metadata={
-        "help": "File name stem and general.name (default: the last adapter's directory name, or the base's)."})
+    name: str | None = field(default=None, metadata={"help": "File name stem and general.name.",
+        "default_text": "the last adapter's directory name, or the base's"})
     keep_hf: bool = field(default=False, metadata={"help": "Also write the merged HF model to OUT/NAME-hf."})
     chat_template: str = field(default="alpaca", metadata={
         "help": "alpaca, alpaca-2, none, or a Jinja file, written into every GGUF."})
     threads: int | None = field(default=None, metadata={
-        "help": "llama.cpp quantization threads (default: $CLLAMA_N_THREADS or all cores)."})
+        "help": "llama.cpp quantization threads.", "default_text": "$CLLAMA_N_THREADS or all cores"})
     force: bool = field(default=False, metadata={"help": "Redo every step even if the manifest says it is done."})
-    show_progress: bool = field(default=True, metadata={"help": "Progress bars on stderr."})
-    verbose: bool = field(default=False, metadata={"help": "Show llama.cpp's log."})
+    show_progress: bool = field(default=True, metadata={"help": "No progress bars on stderr.",
+                                                        "flag": ("--quiet", "-q"), "invert": True})
+    verbose: bool = field(default=False, metadata={"help": "Show llama.cpp's log.", "flag": ("--verbose", "-v")})
 
     def __post_init__(self) -> None:
         from cllama_deploy.gguf.convert import resolve_chat_template

@@ -55,11 +55,14 @@ def _root(
 
 def _register() -> None:
     # Each module adds its commands; modules import heavy libraries only inside commands.
-    from cllama_deploy.cli import deploy, merge, quickstart, serve, tokenizer, train
+    from cllama_deploy.cli import convert, deploy, inspect, merge, quantize, quickstart, serve, tokenizer, train
 
     app.add_typer(tokenizer.app, name="tokenizer")
     app.add_typer(train.app, name="train")
     merge.register(app)
+    convert.register(app)
+    quantize.register(app)
+    inspect.register(app)
     deploy.register(app)
     serve.register(app)
     quickstart.register(app)

@@ -32,6 +32,7 @@ from cllama_deploy.checkpoint import TensorSource
 from cllama_deploy.errors import CheckpointError, ConfigError, ShapeMismatchError
 from cllama_deploy.files import atomic_path
 from cllama_deploy.gguf.names import QK_PERMUTED, ROPE_FREQS, gguf_name
+from cllama_deploy.options import option
 
 ARCH = "llama"
 
@@ -53,16 +54,17 @@ CHAT_TEMPLATE_CHOICES = "alpaca, alpaca-2, none, or a path to a .jinja file"
 class ConvertConfig:
     """Options of ``cllama-deploy convert``."""
 
-    model_dir: Path = field(metadata={"help": "Hugging Face LLaMA directory (config.json, safetensors or .bin, "
-                                              "tokenizer.model)."})
-    out: Path = field(metadata={"help": "Output GGUF file (written atomically)."})
-    outtype: str = field(default="f16", metadata={"help": "f32, f16, bf16 or q8_0."})
-    chat_template: str = field(default="alpaca", metadata={
-        "help": "alpaca (the seed's v1 prompt), alpaca-2, none, or a path to a Jinja file."})
-    name: str | None = field(default=None, metadata={"help": "general.name (default: the directory's name)."})
-    tokenizer: Path | None = field(default=None, metadata={
-        "help": "A tokenizer.model to use instead of the one in model_dir."})
-    show_progress: bool = field(default=True, metadata={"help": "Draw a progress bar on stderr."})
+    model_dir: Path = option(help="Hugging Face LLaMA directory (config.json, safetensors or .bin, "
+                                  "tokenizer.model).", argument=True, metavar="MODEL_DIR")
+    out: Path = option(help="Output GGUF file (written atomically).", flag=("--out", "-o"))
+    outtype: str = option("f16", "f32, f16, bf16 or q8_0 (other types: `cllama-deploy quantize`).",
+                          choices=("f32", "f16", "bf16", "q8_0"))
+    chat_template: str = option("alpaca", "alpaca (the seed's v1 prompt), alpaca-2, none, or a path to a "
+                                "Jinja file.")
+    name: str | None = option(None, "general.name.", default_text="the model directory's name")
+    tokenizer: Path | None = option(None, "A tokenizer.model to use instead of the one in MODEL_DIR.",
+                                    default_text="MODEL_DIR/tokenizer.model")
+    show_progress: bool = option(True, "No progress bar on stderr.", flag=("--quiet", "-q"), invert=True)
 
     def __post_init__(self) -> None:
         self.model_dir = Path(self.model_dir)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from cllama_deploy.errors import InputError
+from cllama_deploy.options import option
 
 # tokenizer.ggml.token_type values (llama.cpp llama_token_type / gguf.TokenType)
 TOKEN_TYPE_NAMES = {0: "undefined", 1: "normal", 2: "unknown", 3: "control", 4: "user_defined",
@@ -18,6 +19,13 @@ SPECIAL_KEYS = {"bos": "tokenizer.ggml.bos_token_id", "eos": "tokenizer.ggml.eos
 # arrays too long to show in full; inspect shows their length
 _LONG_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type",
                 "tokenizer.ggml.merges")
+
+
+@dataclass
+class InspectConfig:
+    """Options of ``cllama-deploy inspect``."""
+
+    model: Path = option(help="GGUF file.", argument=True, metavar="MODEL")
 
 
 @dataclass

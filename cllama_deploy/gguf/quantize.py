@@ -143,20 +143,20 @@ def default_threads() -> int:
 class QuantizeConfig:
     """Options of ``cllama-deploy quantize``."""
 
-    input: Path = field(metadata={"help": "GGUF to quantize (f32, f16 or bf16)."})
-    output: Path = field(metadata={"help": "GGUF to write (atomically)."})
-    type: str = field(default="Q4_K_M", metadata={
-        "help": "llama.cpp type, e.g. Q4_K_M, Q5_K_M, Q8_0, IQ4_XS (case-insensitive)."})
+    input: Path = field(metadata={"help": "GGUF to quantize (f32, f16 or bf16).", "argument": True, "metavar": "IN"})
+    output: Path = field(metadata={"help": "GGUF to write (atomically).", "argument": True, "metavar": "OUT"})
+    type: str = field(default="Q4_K_M", metadata={"flag": ("--type", "-t"),
+        "help": "llama.cpp type, e.g. Q4_K_M, Q5_K_M, Q8_0, IQ4_XS (case-insensitive; `--list-types` shows all)."})
     threads: int | None = field(default=None, metadata={
-        "help": "Quantization threads (default: $CLLAMA_N_THREADS or all cores)."})
+        "help": "Quantization threads.", "default_text": "$CLLAMA_N_THREADS or all cores"})
     output_tensor_type: str | None = field(default=None, metadata={
-        "help": "GGML type for output.weight (e.g. q8_0); default: llama.cpp's choice."})
+        "help": "GGML type for output.weight (e.g. q8_0).", "default_text": "llama.cpp's choice"})
     token_embedding_type: str | None = field(default=None, metadata={
-        "help": "GGML type for token_embd.weight; default: llama.cpp's choice."})
+        "help": "GGML type for token_embd.weight (e.g. q8_0).", "default_text": "llama.cpp's choice"})
     pure: bool = field(default=False, metadata={"help": "Every tensor gets the base type (no k-quant mixture)."})
     allow_requantize: bool = field(default=False, metadata={
         "help": "Accept an already-quantized input (quality suffers)."})
-    verbose: bool = field(default=False, metadata={"help": "Show llama.cpp's log on stderr."})
+    verbose: bool = field(default=False, metadata={"help": "Show llama.cpp's log on stderr.", "flag": ("--verbose", "-v")})
 
     def __post_init__(self) -> None:
         self.input, self.output = Path(self.input), Path(self.output)

@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from cllama_deploy.errors import TokenizerError
+from cllama_deploy.errors import ConfigError, TokenizerError
+from cllama_deploy.options import option
 from cllama_deploy.tokenizer.spm import load_model, pb2, processor
 
 # gguf.TokenType / llama_token_type values.
@@ -415,6 +416,22 @@ def sp_model_from_gguf(path_or_reader):
     ns.escape_whitespaces = True
     processor(m)  # SentencePiece must accept it
     return m
+
+
+@dataclass
+class FromGGUFConfig:
+    """Options of ``cllama-deploy tokenizer from-gguf``."""
+
+    gguf_file: Path = option(help="GGUF file with a SentencePiece ('llama') vocabulary.", argument=True,
+                             metavar="GGUF_FILE")
+    out: Path = option(Path("tokenizer.model"), "Output SentencePiece .model file.", flag=("--out", "-o"))
+
+    def __post_init__(self) -> None:
+        self.gguf_file, self.out = Path(self.gguf_file), Path(self.out)
+        if not self.gguf_file.is_file():
+            raise ConfigError(f"GGUF_FILE {self.gguf_file}: no such file")
+        if self.out.is_dir():
+            raise ConfigError(f"--out {self.out} is a directory; give the path of the .model file to write")
 
 
 def write_sp_model_from_gguf(gguf_path: str | os.PathLike, out: str | os.PathLike) -> dict:

@@ -41,7 +41,8 @@ class MergeConfig:
 
     base: Path = field(metadata={"help": "base tokenizer: tokenizer.model, HF tokenizer dir or GGUF"})
     add: Path = field(metadata={"help": "model whose pieces are appended: .model file, HF dir or GGUF"})
-    out: Path = field(metadata={"help": "output directory (tokenizer.model + HF tokenizer files)"})
+    out: Path = field(metadata={"help": "output directory (tokenizer.model + HF tokenizer files)",
+                                "flag": ("--out", "-o")})
     pad_token: bool = field(default=False, metadata={"help": "append [PAD] and use it as pad token"})
     chat_template: str = field(default="alpaca", metadata={"help": "alpaca, alpaca-2 or a .jinja file"})
 

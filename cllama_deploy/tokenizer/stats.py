@@ -42,7 +42,8 @@ class StatsConfig:
 
     base: Path = field(metadata={"help": "reference tokenizer (A): tokenizer.model, HF dir or GGUF"})
     tokenizer: Path = field(metadata={"help": "tokenizer to compare (B): tokenizer.model, HF dir or GGUF"})
-    files: Sequence[Path] = field(default_factory=list, metadata={"help": "UTF-8 text files (.gz ok)"})
+    files: Sequence[Path] = field(default_factory=list, metadata={"help": "UTF-8 text files to measure (.gz ok)",
+                                                                  "argument": True, "metavar": "FILES"})
 
     def __post_init__(self) -> None:
         self.base, self.tokenizer = Path(self.base), Path(self.tokenizer)

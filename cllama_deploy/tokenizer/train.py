@@ -26,16 +26,20 @@ NORMALIZATIONS = ("nmt_nfkc", "nfkc", "nmt_nfkc_cf", "nfkc_cf", "identity")
 class TrainConfig:
     """Settings of ``cllama-deploy tokenizer train`` (defaults: the seed's Chinese model)."""
 
-    inputs: Sequence[Path] = field(default_factory=list, metadata={"help": "UTF-8 text files, one sentence per line"})
-    out: Path = field(default=Path("chinese_sp.model"), metadata={"help": "output .model file"})
+    inputs: Sequence[Path] = field(default_factory=list, metadata={
+        "help": "UTF-8 text files, one sentence per line (streamed)", "argument": True, "metavar": "INPUTS"})
+    out: Path = field(default=Path("chinese_sp.model"), metadata={"help": "output .model file",
+                                                                  "flag": ("--out", "-o")})
     model_type: str = field(default="unigram", metadata={"help": "unigram, bpe, char or word"})
     vocab_size: int = field(default=20000, metadata={"help": "number of pieces"})
     character_coverage: float = field(default=0.9995, metadata={"help": "share of characters covered by pieces"})
     normalization: str = field(default="nmt_nfkc", metadata={"help": "SentencePiece normalization rule"})
     input_sentence_size: int = field(default=0, metadata={"help": "sample this many lines (0: use all)"})
-    shuffle_input_sentence: bool = field(default=True, metadata={"help": "sample randomly, not the first lines"})
+    shuffle_input_sentence: bool = field(default=True, metadata={"help": "sample randomly, not the first lines",
+                                                                 "flag": "--shuffle/--no-shuffle"})
     max_sentence_length: int = field(default=4192, metadata={"help": "lines longer than this (bytes) are skipped"})
-    num_threads: int = field(default_factory=lambda: os.cpu_count() or 1, metadata={"help": "trainer threads"})
+    num_threads: int = field(default_factory=lambda: os.cpu_count() or 1, metadata={"help": "trainer threads",
+                                                                                    "default_text": "all cores"})
     max_sentencepiece_length: int = field(default=16, metadata={"help": "longest piece, in characters"})
     byte_fallback: bool = field(default=False, metadata={"help": "add <0xXX> byte pieces for unknown characters"})
     split_digits: bool = field(default=False, metadata={"help": "split numbers into single digits"})
