@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench clean settings-example
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# server/settings.example.yaml is generated from the settings model (tests/test_cli.py checks it).
+settings-example: install
+	$(BIN)/cllama-deploy serve --print-settings chinese-alpaca-7b=/srv/models/chinese-alpaca-7b-q4_k_m.gguf \
+	    chinese-alpaca-2-7b=/srv/models/chinese-alpaca-2-7b-q4_k_m.gguf > server/settings.example.yaml
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache

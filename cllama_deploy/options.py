@@ -87,3 +87,70 @@ def field_default(f: dataclasses.Field) -> Any:
 def cli_fields(cls: type) -> list[dataclasses.Field]:
     """The fields of ``cls`` that are command-line options (``cli`` not False)."""
     return [f for f in dataclasses.fields(cls) if f.metadata.get("cli", True) and f.init]
+
+
+def _yaml_scalar(value: Any) -> str:
+    import json
+    from pathlib import PurePath
+
+    if isinstance(value, PurePath):
+        value = str(value)
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        import yaml
+
+        text = yaml.safe_dump(value, default_flow_style=True, allow_unicode=True, width=10**6).strip()
+        return text[:-4].rstrip() if text.endswith("\n...") else text.removesuffix("...").strip()
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _comment(f: dataclasses.Field, value: Any) -> str:
+    text = str(f.metadata.get("help", "")).strip()
+    if value is None and f.metadata.get("default_text"):
+        text += f" (null: {f.metadata['default_text']})"
+    return text
+
+
+def _yaml_lines(obj: Any, indent: str, first_prefix: str | None = None, width: int = 40) -> list[str]:
+    lines: list[str] = []
+    for i, f in enumerate(dataclasses.fields(obj)):
+        prefix = first_prefix if (first_prefix is not None and i == 0) else indent
+        value = getattr(obj, f.name)
+        comment = _comment(f, value)
+        if isinstance(value, dict) and value:
+            lines.append(_with_comment(f"{prefix}{f.name}:", comment, width))
+            lines += [f"{indent}  {k}: {_yaml_scalar(v)}" for k, v in value.items()]
+        elif isinstance(value, (list, tuple)) and value and dataclasses.is_dataclass(value[0]):
+            lines.append(_with_comment(f"{prefix}{f.name}:", comment, width))
+            for item in value:
+                lines += _yaml_lines(item, indent + "    ", first_prefix=indent + "  - ", width=width)
+        else:
+            shown = "[]" if isinstance(value, (list, tuple)) and not value else \
+                ("{}" if isinstance(value, dict) else
+                 "[" + ", ".join(_yaml_scalar(v) for v in value) + "]" if isinstance(value, (list, tuple))
+                 else _yaml_scalar(value))
+            lines.append(_with_comment(f"{prefix}{f.name}: {shown}", comment, width))
+    return lines
+
+
+def _with_comment(line: str, comment: str, width: int) -> str:
+    if not comment:
+        return line
+    return f"{line.ljust(width - 1)} # {comment}"
+
+
+def to_yaml(obj: Any, header: str = "") -> str:
+    """A config instance as a YAML file: every field with its value and its help as a comment.
+
+    Reading the text back (``yaml.safe_load``) gives the same values; fields that are lists of
+    dataclasses (e.g. the served models) are written as lists of mappings. ``header`` lines are
+    written first as comments.
+    """
+    lines = [f"# {line}".rstrip() for line in header.splitlines()]
+    lines += _yaml_lines(obj, "")
+    return "\n".join(lines) + "\n"

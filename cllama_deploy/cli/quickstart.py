@@ -2,29 +2,24 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import typer
+
+from cllama_deploy.cli.from_config import config_command
+from cllama_deploy.quickstart.run import QuickstartConfig
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the root app."""
 
-    @app.command("quickstart")
-    def quickstart_cmd(
-        out: Path = typer.Option(Path("demo-out"), "--out", "-o",
-                                 help="Output directory (created; a previous quickstart output is replaced)."),
-        zh_lines: int = typer.Option(4000, "--zh-lines", help="Lines of synthetic Chinese to train on."),
-        en_lines: int = typer.Option(3000, "--en-lines", help="Lines of synthetic English for the base tokenizer."),
-        seed: int = typer.Option(0, "--seed", help="Seed of the generated text."),
-    ) -> None:
+    @config_command(app, "quickstart", QuickstartConfig)
+    def quickstart_cmd(config: QuickstartConfig) -> None:
         """Run the embedded default on generated text: train a base and a Chinese tokenizer, merge, compare."""
         from rich.console import Console
         from rich.table import Table
 
-        from cllama_deploy.quickstart.run import QuickstartConfig, run_quickstart
+        from cllama_deploy.quickstart.run import run_quickstart
 
-        r = run_quickstart(QuickstartConfig(out=out, zh_lines=zh_lines, en_lines=en_lines, seed=seed))
+        r = run_quickstart(config)
         table = Table(title=f"quickstart output in {r.out} ({r.seconds:.1f}s)")
         table.add_column("what")
         table.add_column("path")

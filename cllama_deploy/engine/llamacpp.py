@@ -81,7 +81,7 @@ class LlamaCppConfig:
         if self.model_id is None:
             self.model_id = path.name[:-5] if path.name.endswith(".gguf") else path.name
         if not self.model_id:
-            raise ConfigError("--model-id must not be empty")
+            raise ConfigError("the model id must not be empty (NAME in NAME=MODEL.gguf, or `id:` in the settings file)")
         if self.n_ctx < 0:
             raise ConfigError(f"--n-ctx must be >= 0 (0 = the model's trained context), got {self.n_ctx}")
         if self.n_threads is not None and self.n_threads < 1:
@@ -486,7 +486,7 @@ class LlamaCppEngine:
 
     async def embed(self, inputs: list[list[int]], *, deadline: float | None = None) -> Embeddings:
         if not self.config.embeddings:
-            raise InvalidRequest("embeddings are disabled for this model (--no-embeddings)",
+            raise InvalidRequest("embeddings are disabled for this model (`embeddings: false` in the settings file)",
                                  param="model")
         for i, toks in enumerate(inputs):
             if not toks:

@@ -27,7 +27,8 @@ MARKER = "quickstart.json"
 class QuickstartConfig:
     """Settings of ``cllama-deploy quickstart``."""
 
-    out: Path = field(default=Path("demo-out"), metadata={"help": "output directory (replaced if it is a quickstart's)"})
+    out: Path = field(default=Path("demo-out"), metadata={"help": "output directory (replaced if it is a quickstart's)",
+                                                         "flag": ("--out", "-o")})
     zh_lines: int = field(default=4000, metadata={"help": "lines of synthetic Chinese for the Chinese tokenizer"})
     en_lines: int = field(default=3000, metadata={"help": "lines of synthetic English for the base tokenizer"})
     base_vocab_size: int = field(default=600, metadata={"help": "pieces of the LLaMA-like base tokenizer"})

@@ -33,12 +33,17 @@ class ModelSettings:
         embeddings: serve /v1/embeddings for this model.
     """
 
-    path: str
-    id: Optional[str] = None
-    chat_template: Optional[str] = None
-    n_ctx: Optional[int] = None
-    n_threads: Optional[int] = None
-    embeddings: bool = True
+    path: str = field(metadata={"help": "GGUF file (relative to the settings file)."})
+    id: Optional[str] = field(default=None, metadata={
+        "help": "Name clients put in `model`.", "default_text": "the file name without .gguf"})
+    chat_template: Optional[str] = field(default=None, metadata={
+        "help": "alpaca, alpaca-2 or a .jinja file.", "default_text": "the GGUF's own template"})
+    n_ctx: Optional[int] = field(default=None, metadata={
+        "help": "Context window of this model.", "default_text": "the server-wide n_ctx"})
+    n_threads: Optional[int] = field(default=None, metadata={
+        "help": "llama.cpp threads of this model.", "default_text": "the server-wide threads"})
+    embeddings: bool = field(default=True, metadata={
+        "help": "Serve /v1/embeddings for this model (on for every model unless set to false)."})
 
     def __post_init__(self) -> None:
         if not isinstance(self.path, str) or not self.path:
@@ -72,24 +77,43 @@ class Settings:
         sampling: defaults for sampling parameters a request leaves out (temperature, top_p, ...).
     """
 
-    models: list[ModelSettings] = field(default_factory=list)
-    host: str = "127.0.0.1"
-    port: int = 8000
-    api_keys: list[str] = field(default_factory=list)
-    api_key_file: Optional[str] = None
-    cors_origins: list[str] = field(default_factory=list)
-    max_body_bytes: int = 4 * 1024 * 1024
-    max_queue: int = 64
-    request_timeout: float = 600.0
-    graceful_timeout: float = 30.0
-    n_ctx: int = 0
-    threads: Optional[int] = None
-    n_batch: int = 512
-    chat_template: Optional[str] = None
-    max_n: int = 8
-    access_log: bool = True
-    log_level: str = "info"
-    sampling: dict[str, Any] = field(default_factory=dict)
+    # Field metadata (help, flag, default_text) makes the `serve` options: see cllama_deploy/options.py.
+    models: list[ModelSettings] = field(default_factory=list, metadata={
+        "help": "GGUF files to serve; clients pick one with the `model` field (NAME, or the file name "
+                "without .gguf).", "argument": True, "metavar": "[MODEL.gguf | NAME=MODEL.gguf]..."})
+    host: str = field(default="127.0.0.1", metadata={
+        "help": "Listen address (0.0.0.0: every interface; put TLS in front)."})
+    port: int = field(default=8000, metadata={"help": "TCP port; 0 picks a free one (and logs it)."})
+    api_keys: list[str] = field(default_factory=list, metadata={
+        "help": "Accepted API key (repeat for several); none: no authentication.", "flag": "--api-key"})
+    api_key_file: Optional[str] = field(default=None, metadata={
+        "help": "File with one API key per line ('#' starts a comment).", "default_text": "none"})
+    cors_origins: list[str] = field(default_factory=list, metadata={
+        "help": "Browser origin allowed to call the API (repeat; '*' = any).", "flag": "--cors-origin"})
+    max_body_bytes: int = field(default=4 * 1024 * 1024, metadata={
+        "help": "Largest request body in bytes; larger gets 413."})
+    max_queue: int = field(default=64, metadata={
+        "help": "Requests that may wait while the model is busy; more get 429."})
+    request_timeout: float = field(default=600.0, metadata={
+        "help": "Seconds a request may take, queue wait included.", "flag": "--timeout"})
+    graceful_timeout: float = field(default=30.0, metadata={
+        "help": "Seconds in-flight requests get to finish on shutdown."})
+    n_ctx: int = field(default=0, metadata={"help": "Context window; 0 = each model's trained context."})
+    threads: Optional[int] = field(default=None, metadata={
+        "help": "llama.cpp threads (see docs/serving.md).", "default_text": "half the CPUs"})
+    n_batch: int = field(default=512, metadata={"help": "Prompt tokens per llama.cpp decode call."})
+    chat_template: Optional[str] = field(default=None, metadata={
+        "help": "Chat template for every model: alpaca, alpaca-2 or FILE.jinja.",
+        "default_text": "each GGUF's own template"})
+    max_n: int = field(default=8, metadata={"help": "Largest `n` (choices per request) accepted."})
+    access_log: bool = field(default=True, metadata={
+        "help": "Log one JSON line per request (logger cllama_deploy.access).",
+        "flag": "--access-log/--no-access-log"})
+    log_level: str = field(default="info", metadata={
+        "help": "debug, info, warning or error.", "choices": ("debug", "info", "warning", "error")})
+    sampling: dict[str, Any] = field(default_factory=lambda: default_sampling(), metadata={
+        "help": "Defaults for the sampling parameters a request leaves out (a key left out here keeps "
+                "the engine's default shown).", "cli": False})
 
     def __post_init__(self) -> None:
         self.models = [m if isinstance(m, ModelSettings) else _model_from(m) for m in self.models]
@@ -147,6 +171,14 @@ class Settings:
             )
             for m in self.models
         ]
+
+
+def default_sampling() -> dict[str, Any]:
+    """The engine's defaults for every sampling key a settings file may set (``sampling:``)."""
+    from cllama_deploy.engine.base import SamplingParams
+
+    defaults = SamplingParams()
+    return {name: getattr(defaults, name) for name in sorted(_SAMPLING_KEYS)}
 
 
 def _check_int(flag: str, value: Any, minimum: int) -> None:
