@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean settings-example
+.PHONY: install browser demo test bench clean settings-example
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +22,14 @@ install: $(STAMP)
 demo: install
 	$(BIN)/cllama-deploy quickstart --out demo-out
 
-test: install
+test: browser install
 	$(BIN)/python -m pytest -q
+
+# Debian's chromium for the chat-page test (tests/server/test_browser.py; Playwright drives it and never
+# downloads a browser): installed here when missing and running as root, otherwise one line says how.
+CHROMIUM_HOW := make test needs Debian's chromium for tests/server/test_browser.py: run 'sudo apt-get install chromium' (or make test as root) and retry
+browser:
+	$(if $(shell command -v chromium 2>/dev/null),@true,$(if $(filter 0,$(shell id -u)),apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium,$(error $(CHROMIUM_HOW))))
 
 # server/settings.example.yaml is generated from the settings model (tests/test_cli.py checks it).
 settings-example: install
