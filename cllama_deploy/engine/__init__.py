@@ -1,5 +1,6 @@
-"""Inference engines: the :class:`Engine` protocol, :class:`LlamaCppEngine` on llama-cpp-python, the
-request scheduler and the model registry. Heavy imports (llama_cpp) happen only when a model loads."""
+"""Inference engines: the :class:`Engine` protocol, :class:`LlamaCppEngine` on llama.cpp with
+continuous batching and a prefix cache, the streams it returns (``async for`` and plain ``for``), and
+the model registry. Heavy imports (llama_cpp) happen only when a model loads."""
 
 from cllama_deploy.engine.base import (
     Chunk,
@@ -21,14 +22,14 @@ from cllama_deploy.engine.base import (
 )
 from cllama_deploy.engine.detok import TextAssembler
 from cllama_deploy.engine.registry import ModelNotFound, ModelNotReady, ModelRegistry
-from cllama_deploy.engine.scheduler import EventStream, Job, Scheduler, SerialScheduler
+from cllama_deploy.engine.stream import ChunkStream
 from cllama_deploy.engine.threads import default_n_threads
 
 __all__ = [
-    "Chunk", "ContextLengthExceeded", "Embeddings", "Engine", "EngineClosed", "EngineError",
-    "EventStream", "GenerationRequest", "GenerationStream", "InvalidRequest", "Job", "ModelInfo",
+    "Chunk", "ChunkStream", "ContextLengthExceeded", "Embeddings", "Engine", "EngineClosed",
+    "EngineError", "GenerationRequest", "GenerationStream", "InvalidRequest", "ModelInfo",
     "ModelNotFound", "ModelNotReady", "ModelRegistry", "QueueFull", "RequestTimeout", "SamplingParams",
-    "Scheduler", "SerialScheduler", "TextAssembler", "TokenLogprob", "TopLogprob", "Usage",
+    "TextAssembler", "TokenLogprob", "TopLogprob", "Usage",
     "default_n_threads", "LlamaCppConfig", "LlamaCppEngine",
 ]
 

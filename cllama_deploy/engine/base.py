@@ -1,15 +1,17 @@
-"""The engine contract the server talks to: requests, streamed chunks, errors, the Engine protocol.
+"""The engine contract every caller talks to: requests, streamed chunks, errors, the Engine protocol.
 
-Routes only see these types. An engine turns a :class:`GenerationRequest` (prompt token ids and
-sampling parameters) into an async stream of :class:`Chunk` objects whose text is always whole UTF-8
-characters; the last chunk carries ``finish_reason`` and :class:`Usage`. How requests share the model
-(one at a time today, batched decoding later) is the scheduler's business, hidden behind the engine.
+An engine turns a :class:`GenerationRequest` (prompt token ids and sampling parameters) into a stream
+of :class:`Chunk` objects whose text is always whole UTF-8 characters; the last chunk carries
+``finish_reason`` and :class:`Usage`. The stream is iterable with ``async for`` from an event loop and
+with ``for`` from any thread. How requests share the model (continuous batching, the prefix cache) is
+the scheduler's business, hidden behind the engine.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Optional, Protocol, Sequence, runtime_checkable
+import threading
+from typing import AsyncIterator, Iterator, Optional, Protocol, Sequence, runtime_checkable
 
 from cllama_deploy.errors import CllamaError, InputError
 
@@ -26,23 +28,29 @@ class EngineError(CllamaError):
 class ContextLengthExceeded(InputError):
     """The prompt (plus the requested completion) does not fit the context window."""
 
-    def __init__(self, message: str, *, n_ctx: int, prompt_tokens: int, requested: int = 0):
+    def __init__(self, message: str, *, n_ctx: int, prompt_tokens: int, requested: int = 0,
+                 param: str | None = None):
         super().__init__(message)
         self.n_ctx = n_ctx
         self.prompt_tokens = prompt_tokens
         self.requested = requested
-
-
-class InvalidRequest(InputError):
-    """A request the engine cannot honour (bad token id, invalid grammar, empty prompt...)."""
-
-    def __init__(self, message: str, *, param: str | None = None):
-        super().__init__(message)
         self.param = param
 
 
+class InvalidRequest(InputError):
+    """A request the engine cannot honour (bad token id, invalid grammar, empty prompt...).
+
+    ``param`` names the request field to blame; ``code`` is an OpenAI error code (None: the server's
+    default for invalid values)."""
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
 class QueueFull(CllamaError):
-    """The scheduler's waiting queue is at ``--max-queue``; the client should retry later."""
+    """Every slot is busy and ``--max-queue`` requests already wait; the client should retry later."""
 
 
 class RequestTimeout(CllamaError):
@@ -115,8 +123,13 @@ class TokenLogprob:
 
 @dataclass
 class Usage:
+    """Token counts of one choice. ``cached_tokens``: prompt tokens whose KV came from the prefix
+    cache (or a sibling choice) instead of being computed (OpenAI's
+    ``prompt_tokens_details.cached_tokens``)."""
+
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -174,11 +187,24 @@ class ModelInfo:
 
 @runtime_checkable
 class GenerationStream(Protocol):
-    """An async iterator of chunks; ``cancel()`` (or closing the iterator) stops the generation."""
+    """The chunks of one choice: ``async for`` from an event loop, ``for`` (blocking) from any thread.
+
+    ``cancel()`` (or ``close()``/``aclose()`` before the end) stops the generation: a waiting request
+    leaves the queue at once, a running one frees its slot at the next decode step; iteration then
+    ends without a final chunk. Iterating past the request's deadline raises
+    :class:`RequestTimeout`. ``final`` is the last chunk (with ``finish_reason``) once iterated.
+    """
+
+    cancelled: threading.Event
+    final: Optional[Chunk]
 
     def __aiter__(self) -> AsyncIterator[Chunk]: ...
 
+    def __iter__(self) -> Iterator[Chunk]: ...
+
     def cancel(self) -> None: ...
+
+    def close(self) -> None: ...
 
     async def aclose(self) -> None: ...
 
@@ -187,9 +213,11 @@ class GenerationStream(Protocol):
 class Engine(Protocol):
     """A loaded model that tokenizes, generates and embeds.
 
-    ``generate`` validates the request and enqueues it synchronously (raising
-    :class:`ContextLengthExceeded`, :class:`InvalidRequest` or :class:`QueueFull` right away, so a
-    route can still answer with a proper status), and returns the stream to iterate.
+    ``generate`` (one choice) and ``submit`` (the choices of one request, queued and counted as one
+    request, sharing the prompt's prefill) validate and enqueue synchronously, raising
+    :class:`ContextLengthExceeded`, :class:`InvalidRequest`, :class:`QueueFull` or
+    :class:`EngineClosed` right away, so a caller can still answer with a proper status; then they
+    return the stream(s) to iterate. Neither needs a running event loop.
     """
 
     info: ModelInfo
@@ -204,7 +232,11 @@ class Engine(Protocol):
 
     def generate(self, request: GenerationRequest) -> GenerationStream: ...
 
+    def submit(self, requests: list[GenerationRequest]) -> list[GenerationStream]: ...
+
     async def embed(self, inputs: list[list[int]], *, deadline: float | None = None) -> Embeddings: ...
+
+    def embed_sync(self, inputs: list[list[int]], *, deadline: float | None = None) -> Embeddings: ...
 
     def stats(self) -> dict: ...
 

@@ -1,207 +1,544 @@
-"""Request scheduling: who gets the model next, and the bridge from the worker thread to asyncio.
+"""Continuous batching: the decode loop over every running sequence, slots, the waiting queue, and
+the prefix cache.
 
-:class:`SerialScheduler` runs one job at a time on a dedicated thread, first come first served, with a
-bounded waiting queue (``--max-queue``). llama.cpp calls release the GIL, so the event loop keeps
-serving HTTP while a job decodes. A scheduler that batches several sequences into one llama.cpp decode
-can replace it: the engine hands it :class:`Job` objects and reads events from :class:`EventStream`;
-routes never see the scheduler.
+One worker thread owns the llama.cpp context. Each step is ONE ``llama_decode`` carrying the next
+token of every generating sequence plus chunks of prompts being prefilled; logits are read per
+sequence (its batch index) and each sequence samples with its own sampler chain. New requests join at
+the next step, finished ones leave. llama.cpp releases the GIL while it decodes, so the event loop
+keeps serving HTTP meanwhile.
+
+Slots and the queue: ``parallel`` sequences run at once. A request (all of its choices) that finds
+no free slot waits in a FIFO queue of at most ``max_queue`` WAITING requests; running ones and the
+choices of a request that already has a slot do not count. ``max_queue=0`` means nothing may wait,
+but a free slot still serves at once.
+
+Prefill is chunked: while other sequences generate, a step carries at most ``prefill_chunk`` prompt
+tokens, so a long prompt joining slows the running streams' next tokens by a bounded amount instead
+of freezing them for the whole prompt. With nobody generating, a step takes up to ``n_batch``.
+
+KV budget (see docs/serving.md): the context holds ``parallel × n_ctx`` cells in one unified cache.
+A sequence reserves ``prompt + limit ≤ n_ctx`` cells when it starts, so every admitted sequence can
+always finish; cells no running sequence needs hold the prefix cache (finished sequences, evicted
+least recently used first). A prompt that shares a prefix with KV already resident (a running
+sequence's or a cached one's) gets those cells by ``seq_cp`` (shared, not copied) and computes only
+the rest; choices of one request share the prompt's prefill.
 """
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import logging
-import sys
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Protocol
+from dataclasses import dataclass
+from typing import Iterator, Optional, Union
 
-from cllama_deploy.engine.base import EngineClosed, QueueFull, RequestTimeout
+from cllama_deploy.engine.base import EngineClosed, EngineError, Embeddings, QueueFull, RequestTimeout
+from cllama_deploy.engine.kvcache import KVTree, PrefixCache
+from cllama_deploy.engine.sequence import Group, Sequence, State
+from cllama_deploy.engine.stream import ChunkStream
 
 log = logging.getLogger("cllama_deploy.engine")
 
-_END = object()
+# a concurrently prefilling prompt is worth waiting for when it computes at least this many more
+# prompt tokens we share than the KV already holds
+MIN_FOLLOW_TOKENS = 32
+HISTOGRAM_BOUNDS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 
 
-class EventStream:
-    """Carries a job's events from the worker thread into the event loop.
+@dataclass(eq=False)
+class EmbedJob:
+    """Several inputs to embed, as one queued request (needs no slot, runs between steps)."""
 
-    The worker calls :meth:`put` (thread-safe) with chunks, an exception, or :meth:`close`. The
-    consumer iterates with ``async for``; closing the iterator early (client gone) or calling
-    :meth:`cancel` sets :attr:`cancelled`, which the worker checks between tokens, and removes a job
-    that has not started from the queue.
+    inputs: list[list[int]]
+    stream: ChunkStream
+    started: bool = False
+
+
+class Histogram:
+    """Cumulative bucket counts, for Prometheus."""
+
+    def __init__(self, bounds=HISTOGRAM_BOUNDS):
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, v: float) -> None:
+        for i, b in enumerate(self.bounds):
+            if v <= b:
+                self.counts[i] += 1
+                break
+        else:
+            self.counts[-1] += 1
+        self.sum += v
+        self.count += 1
+
+    def snapshot(self) -> dict:
+        cum, out = 0, []
+        for b, c in zip(self.bounds + (float("inf"),), self.counts):
+            cum += c
+            out.append((b, cum))
+        return {"buckets": out, "sum": self.sum, "count": self.count}
+
+
+class BatchScheduler:
+    """The decode loop and admission; see the module docstring.
+
+    Args:
+        runner: what the loop needs from llama.cpp (an :class:`~cllama_deploy.engine.llamacpp.Runner`:
+            ``context``, ``model``, ``make_sampler(params)``, ``embed(inputs, cancelled)``).
+        parallel: slots (sequences decoding together).
+        max_queue: requests that may wait for a slot.
+        n_ctx: the per-sequence window; the KV budget is ``parallel * n_ctx`` cells.
+        n_batch: most tokens in one ``llama_decode``.
+        prefill_chunk: most prompt tokens per step while other sequences generate.
+        prefix_cache: keep finished sequences' KV and reuse shared prefixes across requests.
+        cache_entries: most finished sequences kept for reuse.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, deadline: Optional[float] = None):
-        self._loop = loop
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self.cancelled = threading.Event()
-        self.deadline = deadline
-        self.submitted = time.monotonic()
-        self.started = threading.Event()
-        self._done = False
-        self._on_cancel: list[Callable[[], None]] = []
+    def __init__(self, runner, *, parallel: int, max_queue: int, n_ctx: int, n_batch: int,
+                 prefill_chunk: int, prefix_cache: bool = True, cache_entries: int = 8,
+                 name: str = "engine"):
+        from cllama_deploy.engine.llama_api import Batch
 
-    # -- worker side ---------------------------------------------------------------------------
-    def put(self, item: Any) -> None:
-        try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
-        except RuntimeError:  # event loop closed: nobody is listening any more
-            self.cancelled.set()
-
-    def close(self) -> None:
-        self.put(_END)
-
-    # -- consumer side -------------------------------------------------------------------------
-    def on_cancel(self, fn: Callable[[], None]) -> None:
-        self._on_cancel.append(fn)
-
-    def cancel(self) -> None:
-        if not self.cancelled.is_set():
-            self.cancelled.set()
-            for fn in self._on_cancel:
-                fn()
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self):
-        if self._done:
-            raise StopAsyncIteration
-        try:
-            if self.deadline is None:
-                item = await self._queue.get()
-            else:
-                remaining = self.deadline - time.monotonic()
-                if remaining <= 0:
-                    raise asyncio.TimeoutError
-                item = await _wait_for(self._queue.get(), remaining)
-        except asyncio.TimeoutError:
-            self._done = True
-            self.cancel()
-            raise RequestTimeout("the request ran past the server's per-request timeout") from None
-        except BaseException:
-            # cancelled by the server (client disconnected) while waiting
-            self._done = True
-            self.cancel()
-            raise
-        if item is _END:
-            self._done = True
-            raise StopAsyncIteration
-        if isinstance(item, BaseException):
-            self._done = True
-            raise item
-        return item
-
-    async def aclose(self) -> None:
-        if not self._done:
-            self._done = True
-            self.cancel()
-
-
-if sys.version_info >= (3, 11):
-    async def _wait_for(aw, timeout):
-        async with asyncio.timeout(timeout):
-            return await aw
-else:  # pragma: no cover
-    async def _wait_for(aw, timeout):
-        return await asyncio.wait_for(aw, timeout)
-
-
-@dataclass
-class Job:
-    """A unit of work for the model: ``run()`` executes on the worker thread.
-
-    ``run`` must check ``stream.cancelled`` between steps and end the stream (``stream.close()`` or
-    ``stream.put(exception)``) when done.
-    """
-
-    run: Callable[[], None]
-    stream: EventStream
-    kind: str = "generate"
-    submitted: float = field(default_factory=time.monotonic)
-
-
-class Scheduler(Protocol):
-    """What the engine needs from a scheduler."""
-
-    max_queue: int
-
-    @property
-    def queue_depth(self) -> int: ...
-
-    @property
-    def running(self) -> int: ...
-
-    def submit(self, job: Job) -> None: ...
-
-    def close(self, timeout: float | None = None) -> None: ...
-
-
-class SerialScheduler:
-    """One job at a time on one worker thread; waiting jobs are served in arrival order."""
-
-    def __init__(self, max_queue: int = 64, name: str = "engine"):
+        self.runner = runner
+        self.ctx = runner.context
+        self.parallel = parallel
         self.max_queue = max_queue
+        self.n_ctx = n_ctx
+        self.n_batch = n_batch
+        self.prefill_chunk = max(1, prefill_chunk)
+        self.prefix_cache_enabled = prefix_cache
+        self.kv_cells_total = parallel * n_ctx
+        self._batch = Batch(n_batch)
+        self._tree = KVTree()
+        self._cache = PrefixCache(cache_entries if prefix_cache else 0)
+        self._free_ids = list(range(self.ctx.n_seq_max - 1, -1, -1))
         self._cond = threading.Condition()
-        self._queue: deque[Job] = deque()
-        self._running = 0
+        self._waiting: deque[Union[Group, EmbedJob]] = deque()
+        self._admitted: list[Sequence] = []
+        self._embed_ready: list[EmbedJob] = []
+        self._running: list[Sequence] = []  # worker thread only
+        self._slots_taken = 0
+        self._paused = 0
         self._closed = False
+        # statistics
+        self.cancelled = 0
+        self.prompt_tokens_cached = 0
+        self.prompt_tokens_computed = 0
+        self.completion_tokens = 0
+        self.steps = 0
+        self.step_sequences = Histogram()
+        self.step_tokens = Histogram()
+        self.decode_seconds = 0.0
+        self.step_seconds = 0.0
         self._thread = threading.Thread(target=self._loop, name=f"cllama-{name}", daemon=True)
         self._thread.start()
 
+    # ------------------------------------------------------------------------------------------
+    # Any thread: submission, cancellation, stats
+    # ------------------------------------------------------------------------------------------
     @property
     def queue_depth(self) -> int:
-        return len(self._queue)
+        return sum(1 for item in self._waiting if not item.started)
 
     @property
-    def running(self) -> int:
-        return self._running
+    def slots_used(self) -> int:
+        return self._slots_taken
 
-    def submit(self, job: Job) -> None:
+    def _free_slots(self) -> int:
+        return 0 if self._paused else self.parallel - self._slots_taken
+
+    def _queue_full(self) -> QueueFull:
+        if self.max_queue == 0:
+            return QueueFull(f"all {self.parallel} slots are busy and no request may wait "
+                             "(--max-queue 0); retry later")
+        return QueueFull(f"the server's queue is full: {self.queue_depth} requests are waiting for "
+                         f"one of {self.parallel} slots (--max-queue {self.max_queue}); retry later")
+
+    def submit(self, group: Group) -> None:
+        """Admit the request's choices to free slots, or queue it; raises QueueFull/EngineClosed."""
         with self._cond:
             if self._closed:
                 raise EngineClosed("the server is shutting down and takes no new requests")
-            if len(self._queue) >= self.max_queue:
-                raise QueueFull(
-                    f"the server's queue is full ({self.max_queue} requests waiting); retry later"
-                )
-            self._queue.append(job)
-            job.stream.on_cancel(lambda: self._discard(job))
-            self._cond.notify()
+            if not self._waiting and self._free_slots() > 0:
+                self._admit_locked(group)
+            elif self.queue_depth >= self.max_queue:
+                raise self._queue_full()
+            if group.waiting:
+                self._waiting.append(group)
+            for seq in group.sequences:
+                seq.stream.on_cancel(lambda s=seq: self._cancel_waiting(s))
+            self._cond.notify_all()
 
-    def _discard(self, job: Job) -> None:
+    def submit_embed(self, job: EmbedJob) -> None:
         with self._cond:
-            try:
-                self._queue.remove(job)
-            except ValueError:
-                return  # already running or finished
-        job.stream.close()
+            if self._closed:
+                raise EngineClosed("the server is shutting down and takes no new requests")
+            if not self._waiting and not self._paused:
+                job.started = True
+                self._embed_ready.append(job)
+            elif self.queue_depth >= self.max_queue:
+                raise self._queue_full()
+            else:
+                self._waiting.append(job)
+            job.stream.on_cancel(lambda: self._cancel_embed(job))
+            self._cond.notify_all()
+
+    def _admit_locked(self, group: Group) -> None:
+        for seq in group.waiting:
+            if self._free_slots() <= 0:
+                break
+            seq.state = State.ADMITTED
+            self._slots_taken += 1
+            self._admitted.append(seq)
+            group.started = True
+
+    def _admit_from_queue_locked(self) -> None:
+        while self._waiting and not self._paused:
+            head = self._waiting[0]
+            if isinstance(head, EmbedJob):
+                head.started = True
+                self._embed_ready.append(head)
+                self._waiting.popleft()
+                continue
+            self._admit_locked(head)
+            if head.waiting:
+                return
+            self._waiting.popleft()
+
+    def _cancel_waiting(self, seq: Sequence) -> None:
+        with self._cond:
+            if seq.state is not State.WAITING:
+                self._cond.notify_all()  # running: the worker frees it at the next step
+                return
+            seq.state = State.DONE
+            group = seq.group
+            if not group.waiting:
+                with contextlib.suppress(ValueError):
+                    self._waiting.remove(group)
+            self._cond.notify_all()
+        seq.stream.end()
+
+    def _cancel_embed(self, job: EmbedJob) -> None:
+        with self._cond:
+            if job.started:
+                return
+            with contextlib.suppress(ValueError):
+                self._waiting.remove(job)
+        job.stream.end()
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Admit nothing and count every slot as busy, as if the engine were fully loaded: requests
+        queue (and ``max_queue`` applies) until the block ends. Running sequences carry on."""
+        with self._cond:
+            self._paused += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._paused -= 1
+                self._cond.notify_all()
+
+    def stats(self) -> dict:
+        with self._cond:
+            return {
+                "slots_total": self.parallel, "slots_used": self._slots_taken,
+                "running": self._slots_taken, "queue_depth": self.queue_depth,
+                "cancelled": self.cancelled, "prompt_tokens_cached": self.prompt_tokens_cached,
+                "prompt_tokens_computed": self.prompt_tokens_computed,
+                "completion_tokens": self.completion_tokens, "steps": self.steps,
+                "kv_cells_used": self._tree.used_cells, "kv_cells_total": self.kv_cells_total,
+                "prefix_cache_entries": len(self._cache),
+                "step_sequences": self.step_sequences.snapshot(),
+                "step_tokens": self.step_tokens.snapshot(),
+                "decode_seconds": self.decode_seconds, "step_seconds": self.step_seconds,
+            }
+
+    def close(self, timeout: Optional[float] = None) -> bool:
+        """Take no new requests; let queued and running ones finish (up to ``timeout`` seconds).
+        Returns whether the worker stopped (then the context may be freed)."""
+        with self._cond:
+            self._closed = True
+            self._paused = 0
+            self._cond.notify_all()
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    # ------------------------------------------------------------------------------------------
+    # Worker thread
+    # ------------------------------------------------------------------------------------------
+    def _has_work_locked(self) -> bool:
+        return bool(self._running or self._admitted or self._embed_ready
+                    or (self._waiting and not self._paused and (
+                        isinstance(self._waiting[0], EmbedJob) or self._free_slots() > 0)))
 
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._queue and not self._closed:
+                while not self._has_work_locked():
+                    if self._closed and not self._waiting:
+                        return
                     self._cond.wait()
-                if not self._queue:
-                    return
-                job = self._queue.popleft()
-                self._running = 1
+                self._admit_from_queue_locked()
+                new, self._admitted = self._admitted, []
+                jobs, self._embed_ready = self._embed_ready, []
             try:
-                job.stream.started.set()
-                job.run()
-            except BaseException as exc:  # a bug in the job must not kill the worker
-                log.exception("engine job failed")
-                job.stream.put(exc if isinstance(exc, Exception) else RuntimeError(str(exc)))
-            finally:
-                with self._cond:
-                    self._running = 0
+                for job in jobs:
+                    self._run_embed(job)
+                for seq in new:
+                    self._start(seq)
+                if self._running:
+                    self._step()
+            except BaseException as exc:  # a bug must not kill the worker: fail what runs
+                log.exception("engine step failed")
+                for seq in list(self._running):
+                    self._fail(seq, EngineError(f"generation failed inside the engine: {exc}"))
 
-    def close(self, timeout: float | None = None) -> None:
-        """Stop taking jobs; let queued and running jobs finish (up to ``timeout`` seconds)."""
+    # -- embeddings -----------------------------------------------------------------------------
+    def _run_embed(self, job: EmbedJob) -> None:
+        job.stream.started.set()
+        if job.stream.cancelled.is_set():
+            job.stream.end()
+            return
+        try:
+            vectors = self.runner.embed(job.inputs, job.stream.cancelled.is_set)
+        except Exception as exc:
+            log.exception("embedding failed")
+            job.stream.put(EngineError(f"embedding failed inside llama.cpp: {exc}"))
+            return
+        if vectors is not None:
+            job.stream.put(Embeddings(vectors, sum(len(t) for t in job.inputs)))
+        job.stream.end()
+
+    # -- starting a sequence --------------------------------------------------------------------
+    def _start(self, seq: Sequence) -> None:
+        seq.stream.started.set()
+        seq.t_admitted = time.monotonic()
+        if seq.cancelled:
+            self._release(seq, cancelled=True)
+            return
+        if seq.expired(seq.t_admitted):
+            self._fail(seq, RequestTimeout("the request waited in the queue past the per-request "
+                                           "timeout"))
+            return
+        try:
+            seq.sampler = self.runner.make_sampler(seq.request.params)
+        except Exception as exc:
+            self._fail(seq, EngineError(f"could not build the sampler: {exc}"))
+            return
+        seq.seq_id = self._take_id()
+        self._running.append(seq)
+        if seq.limit <= 0:
+            seq._finish("length")
+            self._release(seq)
+            return
+        leader = self._leader_for(seq)
+        if leader is not None:
+            seq.state, seq.leader = State.FOLLOWING, leader
+        else:
+            sibling = None if self.prefix_cache_enabled else next(
+                (o for o in self._running if o is not seq and o.group is seq.group
+                 and o.prompt == seq.prompt and o.state is State.DECODE), None)
+            self._reuse_prefix(seq, only=sibling)  # a sibling choice's prompt KV even without the cache
+            seq.state = State.PREFILL
+        self._make_room()
+
+    def _leader_for(self, seq: Sequence) -> Optional[Sequence]:
+        """A prefilling sequence that will compute (part of) this prompt: choices of the same request
+        always share; with the prefix cache, other prompts sharing enough of a prefix wait too."""
+        best, best_len = None, 0
+        resident = self._tree.match(seq.prompt[:-1])[1] if self.prefix_cache_enabled else 0
+        for other in self._running:
+            if other is seq or other.state is not State.PREFILL:
+                continue
+            if other.group is seq.group and other.prompt == seq.prompt:
+                seq.follow_len = seq.n_prompt
+                return other
+            if not self.prefix_cache_enabled:
+                continue
+            n = _common(seq.prompt, other.prompt, seq.n_prompt - 1)
+            if n > best_len and n >= resident + MIN_FOLLOW_TOKENS and n > other.n_past:
+                best, best_len = other, n
+        seq.follow_len = best_len
+        return best
+
+    def _reuse_prefix(self, seq: Sequence, *, only: Optional[Sequence] = None) -> None:
+        """Share the longest prefix of the prompt already in the KV (leave ≥ 1 token to compute)."""
+        if only is None and not self.prefix_cache_enabled:
+            return
+        among = {only.seq_id} if only is not None else None
+        src, n = self._tree.match(seq.prompt[:seq.n_prompt - 1], among)
+        if src is None or n <= 0:
+            return
+        self.ctx.seq_cp(src, seq.seq_id, 0, n)
+        self._tree.fork(seq.seq_id, src, n)
+        self._cache.touch(src)
+        seq.n_past = seq.cached_tokens = n
+        self._count_cached(n)
+
+    def _count_cached(self, n: int) -> None:
         with self._cond:
-            self._closed = True
+            self.prompt_tokens_cached += n
+
+    def _take_id(self) -> int:
+        if not self._free_ids:
+            self._evict_one()
+        return self._free_ids.pop()
+
+    def _evict_one(self) -> bool:
+        victim = self._cache.oldest()
+        if victim is None:
+            return False
+        self._cache.discard(victim)
+        self.ctx.seq_rm(victim)
+        self._tree.remove(victim)
+        self._free_ids.append(victim)
+        return True
+
+    def _make_room(self) -> None:
+        """Evict cached sequences until every running sequence's reservation fits."""
+        need = sum(s.max_len - s.n_past for s in self._running)
+        while self._tree.used_cells + need > self.kv_cells_total:
+            if not self._evict_one():
+                break  # cannot happen: reservations sum to at most parallel * n_ctx
+
+    # -- one step -------------------------------------------------------------------------------
+    def _step(self) -> None:
+        t0 = time.monotonic()
+        for seq in list(self._running):
+            if seq.cancelled:
+                self._release(seq, cancelled=True)
+            elif seq.expired(t0):
+                self._fail(seq, RequestTimeout("generation ran past the per-request timeout"))
+        for seq in list(self._running):
+            if seq.state is State.FOLLOWING:
+                self._maybe_unfollow(seq)
+        batch = self._batch
+        batch.clear()
+        rows: list[tuple[Sequence, int, Optional[int]]] = []  # (seq, tokens added, logits index)
+        decoding = [s for s in self._running if s.state is State.DECODE and s.pending is not None]
+        for seq in decoding:
+            idx = batch.add_run(seq.seq_id, (seq.pending,), seq.n_past, logits_last=True)
+            rows.append((seq, 1, idx))
+        budget = batch.room if not decoding else min(batch.room, self.prefill_chunk)
+        for seq in self._running:
+            if budget <= 0:
+                break
+            if seq.state is not State.PREFILL:
+                continue
+            k = min(seq.prompt_left, budget)
+            last = k == seq.prompt_left
+            idx = batch.add_run(seq.seq_id, seq.prompt[seq.n_past:seq.n_past + k], seq.n_past,
+                                logits_last=last)
+            rows.append((seq, k, idx if last else None))
+            budget -= k
+        if not rows:
+            return
+        n_prefill = batch.n - len(decoding)
+        t1 = time.monotonic()
+        try:
+            self.ctx.decode(batch)
+        except Exception as exc:
+            log.exception("llama_decode failed")
+            for seq, _, _ in rows:
+                self._fail(seq, EngineError(f"generation failed inside llama.cpp: {exc}"))
+            return
+        t2 = time.monotonic()
+        for seq, k, _ in rows:
+            start = seq.n_past
+            self._tree.extend(seq.seq_id, seq.prompt[start:start + k] if seq.state is State.PREFILL
+                              else (seq.pending,))
+            seq.n_past += k
+        model = self.runner.model
+        generated = 0
+        for seq, k, idx in rows:
+            if idx is None:
+                continue
+            if seq.state is State.PREFILL:
+                seq.state = State.DECODE
+                self._serve_followers(seq, idx)
+            generated += self._sample(seq, idx, model)
+        with self._cond:
+            self.steps += 1
+            self.prompt_tokens_computed += n_prefill
+            self.completion_tokens += generated
+            self.decode_seconds += t2 - t1
+            self.step_seconds += time.monotonic() - t0
+        self.step_sequences.observe(len(rows))
+        self.step_tokens.observe(batch.n)
+
+    def _sample(self, seq: Sequence, idx: int, model) -> int:
+        token = seq.sampler.sample(self.ctx, idx)
+        bad = token < 0 or token >= model.n_vocab
+        go_on = seq.accept(token, bad or bool(model.eog[token]),
+                           b"" if bad else model.pieces[token], lambda: self.ctx.logits(idx),
+                           model.pieces)
+        if not go_on:
+            self._release(seq)
+        return 0 if bad or model.eog[token] else 1
+
+    def _serve_followers(self, leader: Sequence, idx: int) -> None:
+        """Choices waiting on ``leader``'s whole prompt share its KV and its last logits row."""
+        model = self.runner.model
+        for f in list(self._running):
+            if f.state is State.FOLLOWING and f.leader is leader and f.follow_len >= f.n_prompt:
+                self.ctx.seq_cp(leader.seq_id, f.seq_id, 0, leader.n_prompt)
+                self._tree.fork(f.seq_id, leader.seq_id, leader.n_prompt)
+                f.n_past = f.n_prompt
+                f.cached_tokens = leader.cached_tokens
+                f.state, f.leader = State.DECODE, None
+                with self._cond:
+                    self.completion_tokens += self._sample(f, idx, model)
+
+    def _maybe_unfollow(self, seq: Sequence) -> None:
+        leader = seq.leader
+        if leader.state is State.PREFILL and leader.n_past < seq.follow_len:
+            return  # still computing what we share
+        seq.leader = None
+        seq.state = State.PREFILL
+        if leader.state is not State.DONE:  # still resident: share what it computed
+            self._reuse_prefix(seq, only=None if self.prefix_cache_enabled else leader)
+        else:  # gone (its KV is in the prefix cache, if that is on)
+            self._reuse_prefix(seq)
+
+    # -- leaving --------------------------------------------------------------------------------
+    def _fail(self, seq: Sequence, exc: Exception) -> None:
+        seq.stream.put(exc)
+        self._release(seq, keep=False)
+
+    def _release(self, seq: Sequence, *, cancelled: bool = False, keep: bool = True) -> None:
+        """The sequence leaves: its slot frees; its KV joins the prefix cache or is dropped."""
+        if seq in self._running:
+            self._running.remove(seq)
+        if cancelled:
+            seq.stream.end()
+            with self._cond:
+                self.cancelled += 1
+        if seq.sampler is not None:
+            seq.sampler.close()
+            seq.sampler = None
+        if seq.seq_id >= 0:
+            if keep and self.prefix_cache_enabled and seq.seq_id in self._tree:
+                self._cache.add(seq.seq_id)
+                while len(self._cache) > self._cache.capacity and self._evict_one():
+                    pass
+            else:
+                self.ctx.seq_rm(seq.seq_id)
+                self._tree.remove(seq.seq_id)
+                self._free_ids.append(seq.seq_id)
+        seq.state = State.DONE
+        with self._cond:
+            self._slots_taken -= 1
             self._cond.notify_all()
-        self._thread.join(timeout)
+
+
+def _common(a: list[int], b: list[int], limit: int) -> int:
+    n = min(len(a), len(b), limit)
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i

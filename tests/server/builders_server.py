@@ -3,7 +3,6 @@ and a way to hold the engine busy deterministically."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import socket
@@ -85,20 +84,9 @@ def load_engine(gguf: Path, **kw):
 
 @contextlib.contextmanager
 def engine_held(engine) -> Iterator[None]:
-    """Occupy the engine's worker with a job that waits on a gate, so requests queue up behind it."""
-    from cllama_deploy.engine.scheduler import EventStream, Job
-
-    gate = threading.Event()
-    loop = asyncio.new_event_loop()
-    stream = EventStream(loop)
-    engine.scheduler.submit(Job(run=lambda: gate.wait(60), stream=stream, kind="test-hold"))
-    assert stream.started.wait(30), "the hold job never started"
-    try:
+    """Make the engine admit nothing, every slot counting as busy, so requests queue up behind it."""
+    with engine.scheduler.paused():
         yield
-    finally:
-        gate.set()
-        wait_until(lambda: engine.stats()["running"] == 0 or engine.stats()["queue_depth"] > 0)
-        loop.close()
 
 
 def wait_until(pred, timeout: float = 30.0, interval: float = 0.02) -> bool:

@@ -29,13 +29,11 @@ def browser():
 def test_chat_page_streams_an_answer(browser, url, engine, monkeypatch):
     # space the tokens out a little so the page visibly receives several chunks
     gate = threading.Event()
-    real_eval = engine._llm.eval
 
-    def paced_eval(tokens):
+    def paced_decode(n_tokens):  # runs before every real llama_decode of the engine
         gate.wait(0.02)
-        return real_eval(tokens)
 
-    monkeypatch.setattr(engine._llm, "eval", paced_eval)
+    monkeypatch.setattr(engine.context, "decode_hook", paced_decode)
     page = browser.new_page()
     page.goto(url + "/")
     page.wait_for_function("document.querySelector('#model').options.length > 0")

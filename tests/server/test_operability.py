@@ -162,16 +162,14 @@ def test_disconnect_mid_stream_frees_the_engine(url, engine, monkeypatch):
 
     gate = threading.Event()
     evals = []
-    real_eval = engine._llm.eval
 
-    def slow_eval(tokens):
-        evals.append(len(tokens))
+    def slow_decode(n_tokens):  # runs before every real llama_decode of the engine
+        evals.append(n_tokens)
         if len(evals) > 3:
             gate.wait(60)
-        return real_eval(tokens)
 
     monkeypatch.setattr(engine, "generate", capture)
-    monkeypatch.setattr(engine._llm, "eval", slow_eval)
+    monkeypatch.setattr(engine.context, "decode_hook", slow_decode)
     cancelled_before = engine.stats()["cancelled"]
     body = {"model": "tiny", "messages": [{"role": "user", "content": "long story"}], "max_tokens": 300,
             "stream": True, "logit_bias": {"2": -100}}

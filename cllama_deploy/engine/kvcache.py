@@ -1,0 +1,225 @@
+"""Which tokens sit in which KV cells: a tree of cell runs shared between sequences, and the prefix
+cache of finished sequences kept for reuse.
+
+llama.cpp's unified KV cache lets several sequences own the same cell: ``llama_memory_seq_cp`` of a
+position range adds the destination sequence to the source's cells. The tree mirrors that exactly.
+A node is a run of cells (consecutive positions holding ``tokens``); ``refs`` are the sequences that
+own all of its cells. A sequence is the path from the root to its last node. Forking a prefix shares
+nodes (splitting one when the prefix ends inside it); decoding appends cells to a sequence; removing
+a sequence frees the nodes nobody else owns. Two runs with the same tokens computed separately are
+different cells, so children are a list, not a map by token.
+
+So the tree can answer, without asking llama.cpp:
+- the longest prefix of a prompt already in the KV (running sequences or cached ones) and a
+  sequence that owns it (the source for ``seq_cp``);
+- how many cells are in use (shared cells counted once), for the admission budget;
+- which cached sequences to evict (least recently used first) when cells are needed.
+
+Pure Python with no llama.cpp calls: the scheduler performs the matching ``seq_cp``/``seq_rm``.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+
+@dataclass(eq=False)
+class _Node:
+    start: int  # position of the first cell
+    tokens: list[int]
+    parent: Optional["_Node"]
+    refs: set[int] = field(default_factory=set)
+    children: list["_Node"] = field(default_factory=list)
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.tokens)
+
+
+class KVTree:
+    """Cells of every resident sequence; see the module docstring."""
+
+    def __init__(self) -> None:
+        self._root = _Node(0, [], None)
+        self._paths: dict[int, list[_Node]] = {}
+        self.used_cells = 0
+
+    # -- queries -----------------------------------------------------------------------------------
+    def __contains__(self, seq_id: int) -> bool:
+        return seq_id in self._paths
+
+    def length(self, seq_id: int) -> int:
+        path = self._paths.get(seq_id)
+        return path[-1].end if path else 0
+
+    def tokens(self, seq_id: int) -> list[int]:
+        out: list[int] = []
+        for node in self._paths.get(seq_id, ()):
+            out.extend(node.tokens)
+        return out
+
+    def sequences(self) -> list[int]:
+        return list(self._paths)
+
+    def match(self, tokens: Sequence[int], among: Optional[set[int]] = None) -> tuple[Optional[int], int]:
+        """Longest prefix of ``tokens`` held in the KV: ``(a sequence owning it, its length)``.
+
+        ``among`` restricts the owners considered. Returns ``(None, 0)`` when nothing matches.
+        """
+        node, pos = self._root, 0
+        best: tuple[Optional[int], int] = (None, 0)
+        while pos < len(tokens):
+            step = None
+            for child in node.children:
+                owners = child.refs if among is None else child.refs & among
+                if not owners or child.tokens[0] != tokens[pos]:
+                    continue
+                n = _common(child.tokens, tokens, pos)
+                if step is None or n > step[1]:
+                    step = (child, n, owners)
+            if step is None:
+                break
+            child, n, owners = step
+            pos += n
+            best = (min(owners), pos)
+            if n < len(child.tokens):
+                break
+            node = child
+        return best
+
+    def exclusive_cells(self, seq_id: int) -> int:
+        """Cells that removing ``seq_id`` would free."""
+        return sum(len(n.tokens) for n in self._paths.get(seq_id, ()) if n.refs == {seq_id})
+
+    # -- updates -----------------------------------------------------------------------------------
+    def fork(self, dst: int, src: int, length: int) -> None:
+        """``dst`` (absent or empty) now owns ``src``'s first ``length`` cells (``seq_cp``)."""
+        if self._paths.get(dst):
+            raise ValueError(f"sequence {dst} is not empty")
+        if length <= 0:
+            self._paths[dst] = []
+            return
+        path = self._paths[src]
+        if length > path[-1].end:
+            raise ValueError(f"sequence {src} holds {path[-1].end} cells, not {length}")
+        shared: list[_Node] = []
+        for node in list(path):  # _split inserts into the paths
+            if node.start >= length:
+                break
+            if node.end > length:
+                node = self._split(node, length - node.start)
+            shared.append(node)
+        for node in shared:
+            node.refs.add(dst)
+        self._paths[dst] = shared
+
+    def extend(self, seq_id: int, tokens: Sequence[int]) -> None:
+        """Fresh cells decoded for ``seq_id`` at its next positions."""
+        if not tokens:
+            return
+        path = self._paths.setdefault(seq_id, [])
+        last = path[-1] if path else None
+        if last is not None and last.refs == {seq_id} and not last.children:
+            last.tokens.extend(tokens)
+        else:
+            parent = last or self._root
+            node = _Node(parent.end if last is not None else 0, list(tokens), parent, {seq_id})
+            parent.children.append(node)
+            path.append(node)
+        self.used_cells += len(tokens)
+
+    def remove(self, seq_id: int) -> int:
+        """Drop ``seq_id`` (``seq_rm`` of the whole sequence); returns the cells freed."""
+        path = self._paths.pop(seq_id, None)
+        freed = 0
+        for node in reversed(path or ()):
+            node.refs.discard(seq_id)
+            if not node.refs:
+                node.parent.children.remove(node)
+                freed += len(node.tokens)
+        self.used_cells -= freed
+        return freed
+
+    def truncate(self, seq_id: int, length: int) -> int:
+        """Keep ``seq_id``'s first ``length`` cells (``seq_rm(seq, length, -1)``); returns cells freed."""
+        path = self._paths.get(seq_id)
+        if not path or path[-1].end <= length:
+            return 0
+        freed = 0
+        while path and path[-1].start >= length:
+            node = path.pop()
+            node.refs.discard(seq_id)
+            if not node.refs:
+                node.parent.children.remove(node)
+                freed += len(node.tokens)
+        if path and path[-1].end > length:
+            node = path[-1]
+            if node.refs == {seq_id} and not node.children:
+                cut = node.end - length
+                del node.tokens[length - node.start:]
+                freed += cut
+            else:
+                self._split(node, length - node.start)
+                tail = path.pop()  # the split put the tail after the head in every owner's path
+                tail.refs.discard(seq_id)
+                if not tail.refs:  # pragma: no cover - a split node has several owners
+                    node.children.remove(tail)
+                    freed += len(tail.tokens)
+        self.used_cells -= freed
+        return freed
+
+    def _split(self, node: _Node, at: int) -> _Node:
+        """Cut ``node`` after ``at`` cells; returns the head (same object), the tail is its child."""
+        tail = _Node(node.start + at, node.tokens[at:], node, set(node.refs), node.children)
+        for c in tail.children:
+            c.parent = tail
+        node.tokens = node.tokens[:at]
+        node.children = [tail]
+        for seq in node.refs:
+            path = self._paths[seq]
+            path.insert(path.index(node) + 1, tail)
+        return node
+
+
+def _common(run: list[int], tokens: Sequence[int], pos: int) -> int:
+    n = min(len(run), len(tokens) - pos)
+    i = 0
+    while i < n and run[i] == tokens[pos + i]:
+        i += 1
+    return i
+
+
+class PrefixCache:
+    """Finished sequences kept in the KV for later prompts, least recently used evicted first.
+
+    Holds sequence ids; the cells themselves are accounted in :class:`KVTree`.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._lru: "OrderedDict[int, None]" = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._lru)
+
+    def __contains__(self, seq_id: int) -> bool:
+        return seq_id in self._lru
+
+    def ids(self) -> set[int]:
+        return set(self._lru)
+
+    def add(self, seq_id: int) -> None:
+        self._lru[seq_id] = None
+        self._lru.move_to_end(seq_id)
+
+    def touch(self, seq_id: int) -> None:
+        if seq_id in self._lru:
+            self._lru.move_to_end(seq_id)
+
+    def discard(self, seq_id: int) -> None:
+        self._lru.pop(seq_id, None)
+
+    def oldest(self) -> Optional[int]:
+        return next(iter(self._lru), None)
