@@ -27,12 +27,16 @@ from cllama_deploy.checkpoint.safetensors_io import ShardWriter, itemsize
 from cllama_deploy.checkpoint.validate import (
     EMBED,
     LM_HEAD,
+    VOCAB_TENSORS,
     VocabReport,
+    check_adapter_order,
+    check_adapter_tokenizer,
     check_base_vocab,
     check_config,
     check_full_shape,
     check_lora_shape,
     check_merged_vocab,
+    check_vocab_grows,
     count_tokenizer,
 )
 from cllama_deploy.errors import ConfigError
@@ -57,7 +61,8 @@ class MergedSource:
         vocab: the vocabulary sizes checked before the merge (:class:`VocabReport`).
     """
 
-    def __init__(self, base: HFCheckpoint, adapters: Sequence[LoraAdapter], *, check_tokenizer: bool = True):
+    def __init__(self, base: HFCheckpoint, adapters: Sequence[LoraAdapter], *, check_tokenizer: bool = True,
+                 check_order: bool = True):
         self.base = base
         self.adapters = list(adapters)
         check_config(base.config, base.path / "config.json")
@@ -72,7 +77,11 @@ class MergedSource:
         self._read_from: dict[str, str] = {}
         tied = LM_HEAD not in shapes
         untied = False
+        grown_by: dict[str, Path] = {}  # vocabulary tensor -> the adapter that last replaced it whole
+        rows_before: list[int] = []  # vocabulary rows just before each adapter
+        rows_after: list[int] = []
         for i, ad in enumerate(self.adapters):
+            rows_before.append(shapes[EMBED][0])
             if tied and ad.full_kind.get(LM_HEAD) == "full":
                 # A trained copy of the output layer (modules_to_save): from this adapter on it has its own
                 # weights, starting from the embeddings as the earlier adapters left them. PEFT's
@@ -89,6 +98,9 @@ class MergedSource:
                 shape = ad.full_shape(target)
                 d = EMBED if tied and target == LM_HEAD else target
                 check_full_shape(ad.weights_file, key, target, shape, shapes.get(d), origin.get(d, ""))
+                if check_order and d in VOCAB_TENSORS:
+                    check_vocab_grows(ad.path, key, d, shape[0], shapes[d][0], grown_by.get(d))
+                    grown_by[d] = ad.path
                 self._ops[d].append(_Op(i, "full", target))
                 shapes[d] = shape
                 origin[d] = str(ad.weights_file)
@@ -97,12 +109,19 @@ class MergedSource:
                 check_lora_shape(ad.weights_file, pair.a_key, pair.b_key, target, ad.delta_shape(target),
                                  shapes.get(d), origin.get(d, ""), ad.fan_in_fan_out)
                 self._ops[d].append(_Op(i, "lora", target))
+            rows_after.append(shapes[EMBED][0])
         self._shapes = shapes
+        if check_order:
+            check_adapter_order(base.path, self.adapters, rows_before)
 
         self.tokenizer_dir = base.tokenizer_dir
-        for ad in self.adapters:
-            if ad.tokenizer_dir is not None:
-                self.tokenizer_dir = ad.tokenizer_dir
+        carriers = [i for i, ad in enumerate(self.adapters) if ad.tokenizer_dir is not None]
+        if carriers:
+            self.tokenizer_dir = self.adapters[carriers[-1]].tokenizer_dir
+        if check_order and check_tokenizer:
+            for i in carriers[:-1]:  # the last tokenizer is compared with the merged vocabulary below
+                check_adapter_tokenizer(self.adapters[i].path, count_tokenizer(self.adapters[i].tokenizer_dir),
+                                        rows_after[i])
         tokenizer = count_tokenizer(self.tokenizer_dir) if check_tokenizer and self.tokenizer_dir else None
         embed_rows = shapes[EMBED][0]
         self.vocab = VocabReport(
@@ -167,7 +186,7 @@ class MergedSource:
 
 
 def merged_source(base_dir: str | Path, lora_dirs: Sequence[str | Path], *,
-                  check_tokenizer: bool = True) -> MergedSource:
+                  check_tokenizer: bool = True, check_order: bool = True) -> MergedSource:
     """Open a base model and LoRA adapters as one lazily merged :class:`TensorSource`.
 
     Every invariant is checked here, from shapes and small files only: head counts, config
@@ -178,6 +197,8 @@ def merged_source(base_dir: str | Path, lora_dirs: Sequence[str | Path], *,
         base_dir: Hugging Face model directory.
         lora_dirs: PEFT LoRA adapter directories, applied in this order.
         check_tokenizer: compare the tokenizer (``tokenizer.model`` + added tokens) with the vocabulary.
+        check_order: check that every adapter is applied to the model it was trained on (its training
+            record, its claimed base, the vocabulary rows it saves and its tokenizer).
 
     Raises:
         CheckpointError / ShapeMismatchError / TokenizerError: a file is missing or malformed, or sizes
@@ -185,7 +206,7 @@ def merged_source(base_dir: str | Path, lora_dirs: Sequence[str | Path], *,
     """
     base = open_hf(base_dir)
     adapters = [open_adapter(d) for d in lora_dirs]
-    return MergedSource(base, adapters, check_tokenizer=check_tokenizer)
+    return MergedSource(base, adapters, check_tokenizer=check_tokenizer, check_order=check_order)
 
 
 # -- writing an HF directory ---------------------------------------------------------------------------
@@ -228,6 +249,9 @@ class MergeConfig:
         "help": "Output dtype: auto (the base's storage dtype), float32, float16 or bfloat16."})
     check_tokenizer: bool = field(default=True, metadata={"flag": "--no-check-tokenizer", "invert": True,
         "help": "Skip comparing the tokenizer's size with the merged vocabulary."})
+    check_adapter_order: bool = field(default=True, metadata={"flag": "--no-check-adapter-order", "invert": True,
+        "help": "Merge even if an adapter's training record, saved vocabulary or tokenizer says it was trained "
+                "on another model than the one it is applied to (e.g. the adapters are in the wrong order)."})
     show_progress: bool = field(default=True, metadata={"help": "No progress bar.", "flag": ("--quiet", "-q"),
                                                         "invert": True})
 
@@ -352,7 +376,8 @@ def merge(config: MergeConfig) -> MergeResult:
         CheckpointError / ShapeMismatchError / TokenizerError: inputs disagree (checked before writing).
     """
     t0 = time.perf_counter()
-    source = merged_source(config.base, config.loras, check_tokenizer=config.check_tokenizer)
+    source = merged_source(config.base, config.loras, check_tokenizer=config.check_tokenizer,
+                           check_order=config.check_adapter_order)
     dtype = config.dtype
     if dtype == "auto":
         dtype = _STORAGE_TO_DTYPE.get(source.base.storage_dtype(), "float32")

@@ -192,3 +192,131 @@ def check_merged_vocab(report: VocabReport) -> None:
         f"{report.embed_rows} rows in embed_tokens ({report.embed_from}) but the tokenizer "
         f"{tok.path / 'tokenizer.model'} has {pieces}: {fix}"
     )
+
+
+# -- adapter order ---------------------------------------------------------------------------------------
+# Adapters are deltas against the model they were trained on, so each must be applied to exactly that
+# model: the base plus the adapters merged before its training, in that order. A wrong order still has
+# fitting shapes when the adapters save whole embed_tokens/lm_head (modules_to_save, the default of
+# `train sft`): the last full copy simply wins. These checks read what the adapters carry (their
+# training record, the vocabulary rows they save, their tokenizer, adapter_config.json's
+# base_model_name_or_path). Rows of the saved embeddings cannot tell the order: training with weight decay
+# moves every row, so no row of a trained copy equals any row of the model it started from.
+
+ORDER_OVERRIDE = "or --no-check-adapter-order to merge anyway"
+
+
+def check_vocab_grows(adapter_dir: Path, key: str, target: str, rows: int, current_rows: int,
+                      grown_by: Path | None) -> None:
+    """An adapter that saves ``target`` whole never has fewer vocabulary rows than the model it is applied to
+    (training only adds tokens): fewer rows mean it was trained before the adapter that grew them."""
+    if rows >= current_rows:
+        return
+    if grown_by is None:
+        raise ShapeMismatchError(
+            f"{adapter_dir}: {key} has {rows} vocabulary rows but the base already has {current_rows}: the adapter "
+            f"was trained on a smaller model, not on this base; pass the base it was trained on ({ORDER_OVERRIDE})")
+    raise ShapeMismatchError(
+        f"{adapter_dir}: {key} has {rows} vocabulary rows but {target} already has {current_rows} rows from "
+        f"{grown_by}: the vocabulary only grows from one adapter to the next, so the adapters are in the wrong "
+        f"order; pass --lora {adapter_dir} before --lora {grown_by} ({ORDER_OVERRIDE})")
+
+
+def check_adapter_tokenizer(adapter_dir: Path, tokenizer: TokenizerCount, rows_after: int) -> None:
+    """An adapter that ships a tokenizer was trained with it: after this adapter the model has as many
+    vocabulary rows as that tokenizer has tokens (checked for every adapter, not only the last one)."""
+    if tokenizer.total == rows_after:
+        return
+    raise ShapeMismatchError(
+        f"{adapter_dir}: its tokenizer has {tokenizer.total} tokens but after this adapter the model has "
+        f"{rows_after} vocabulary rows, so it was not trained on the model it is applied to here: check the "
+        f"order of the --lora adapters ({ORDER_OVERRIDE})")
+
+
+def check_adapter_order(base_dir: Path, adapters: list, rows_before: list[int]) -> None:
+    """Every adapter is applied to the model it was trained on (see the section comment).
+
+    Args:
+        base_dir: the ``--base`` directory.
+        adapters: the opened :class:`~cllama_deploy.checkpoint.peft.LoraAdapter` s, in merge order.
+        rows_before: vocabulary rows of the model just before each adapter.
+
+    Raises:
+        CheckpointError: an adapter's training record or its claimed base contradicts the order given;
+            the message names the order to use and the override.
+    """
+    from cllama_deploy.checkpoint.provenance import model_vocab, same_adapter, same_model, training_record
+
+    given = [Path(a.path) for a in adapters]
+    for i, ad in enumerate(adapters):
+        here = given[i]
+        rec = training_record(here)
+        if rec is None:
+            _check_claimed_base(base_dir, here, ad.base_model_name_or_path, i, rows_before[i], given)
+            continue
+        src = rec.path
+        if rec.continued is not None:
+            for j, other in enumerate(given):
+                if j != i and same_adapter(rec.continued, other):
+                    raise CheckpointError(
+                        f"{here} continued the training of {other} (--peft_path in {src}), so it already holds "
+                        f"that adapter: pass --lora {here} without --lora {other} ({ORDER_OVERRIDE})")
+        need = list(rec.earlier)
+        shown = rec.earlier_names()
+        for want in need:
+            later = [g for g in given[i + 1:] if same_adapter(want, g)]
+            if later:
+                raise CheckpointError(
+                    f"{here} was trained on top of {later[0]} ({src} lists it under --lora), so it must come "
+                    f"after it: pass --lora {later[0]} before --lora {here} ({ORDER_OVERRIDE})")
+        before = given[:i]
+        wanted = " ".join(f"--lora {w}" for w in shown)
+        if len(before) < len(need):
+            missing = [n for w, n in zip(need, shown) if not any(same_adapter(w, g) for g in before)] or shown
+            names = ", ".join(missing)
+            raise CheckpointError(
+                f"{here} was trained on top of {names} ({src} lists it under --lora), which is not given before "
+                f"it: pass {wanted} --lora {here} ({ORDER_OVERRIDE})")
+        extra = before[:len(before) - len(need)]
+        for want, name, got in zip(need, shown, before[len(extra):]):
+            if same_adapter(want, got) is False:
+                raise CheckpointError(
+                    f"{here} was trained on top of {name} ({src} lists it under --lora), but {got} is given "
+                    f"before it: pass {wanted} --lora {here} ({ORDER_OVERRIDE})")
+        if not extra:
+            if same_model(rec.base, base_dir) is False:
+                raise CheckpointError(
+                    f"{here} was trained on {rec.base} ({src}), not on --base {base_dir}: pass --base {rec.base} "
+                    f"({ORDER_OVERRIDE})")
+        elif same_model(rec.base, base_dir) is True:
+            raise CheckpointError(
+                f"{here} was trained on the base with {'only ' + wanted if need else 'no adapter'} merged before "
+                f"it ({src}), but {', '.join(str(e) for e in extra)} come(s) before it here: leave "
+                f"{'it' if len(extra) == 1 else 'them'} out or train {here.name} on top of {'it' if len(extra) == 1 else 'them'} "
+                f"({ORDER_OVERRIDE})")
+        elif (v := model_vocab(rec.base)) is not None and v != rows_before[len(extra)]:
+            raise CheckpointError(
+                f"{here} was trained on {rec.base} ({v} tokens, {src}), but here it is applied to a model with "
+                f"{rows_before[len(extra)]} rows: pass --base {rec.base} ({ORDER_OVERRIDE})")
+
+
+def _check_claimed_base(base_dir: Path, here: Path, claim, i: int, rows: int, given: list[Path]) -> None:
+    """Without a training record: the local model PEFT recorded as ``base_model_name_or_path`` (when it
+    exists here) must have the vocabulary of the model the adapter is applied to."""
+    from cllama_deploy.checkpoint.provenance import model_vocab
+
+    if not claim or not isinstance(claim, str):
+        return
+    claimed = Path(claim)
+    if not (claimed / "config.json").is_file():
+        return  # a hub id or a path of another machine: nothing to compare
+    if claimed.resolve() == Path(base_dir).resolve():
+        return  # trained on --base itself (with the earlier adapters merged in memory, as `train` does)
+    v = model_vocab(claimed)
+    if v is None or v == rows:
+        return
+    applied = f"--base {base_dir}" if i == 0 else f"--base {base_dir} with --lora {given[i - 1]}"
+    raise CheckpointError(
+        f"{here} was trained on {claimed} ({v} tokens; base_model_name_or_path in its adapter_config.json), but "
+        f"here it is applied to {applied} ({rows} rows): pass --base {claimed}, or the adapters that turn "
+        f"--base into it before this one ({ORDER_OVERRIDE})")

@@ -133,3 +133,30 @@ def lora_pair(module: str, r: int, in_features: int, out_features: int, seed: in
     prefix = f"base_model.model.{module}"
     return {f"{prefix}.lora_A.weight": rng.normal(size=(r, in_features)).astype(np.float32),
             f"{prefix}.lora_B.weight": rng.normal(size=(out_features, r)).astype(np.float32)}
+
+
+def train_adapter(stage: str, base_dir: Path, tokenizer, data_dir: Path, out_dir: Path, *, lora=(), steps: int = 3,
+                  **options) -> Path:
+    """A real adapter from ``cllama-deploy train`` (its defaults: modules_to_save embed_tokens,lm_head; weight
+    decay; the training record next to the adapter). Returns the ``{stage}_lora_model`` directory."""
+    import torch
+
+    from cllama_deploy.training.config import PTConfig, SFTConfig
+    from cllama_deploy.training.run import train
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models train faster on one thread of the shared cores
+    try:
+        common = dict(model_name_or_path=str(base_dir), tokenizer_name_or_path=str(tokenizer),
+                      dataset_dir=str(data_dir), output_dir=str(out_dir), lora=[str(p) for p in lora],
+                      max_steps=steps, per_device_train_batch_size=4, validation_split_percentage=0.0,
+                      logging_steps=5, save_steps=1000, progress_bar=False, lora_rank=4, lora_alpha=8.0,
+                      lora_dropout=0.0, seed=3)
+        common.update(options)
+        if stage == "pt":
+            cfg = PTConfig(block_size=32, **common)
+        else:
+            cfg = SFTConfig(max_seq_length=160, **common)
+        return Path(train(cfg).adapter_dir)
+    finally:
+        torch.set_num_threads(threads)

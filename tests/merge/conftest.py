@@ -91,3 +91,30 @@ def tied_case(tmp_path_factory, lora_sp_model):
         heads = make_adapter(AutoModelForCausalLM.from_pretrained(str(base)), root / "heads",
                              target_modules=["lm_head", "embed_tokens", "v_proj"], seed=33)
     return SimpleNamespace(root=root, base=base, grow=grow, heads=heads)
+
+
+@pytest.fixture(scope="session")
+def trained_case(tmp_path_factory, base_sp_model, zh_sp_model):
+    """The Plus recipe made by `cllama-deploy train` itself, tiny: a 512-row base, the merged tokenizer
+    (+ the [PAD] variant), a PT adapter that grows the vocabulary, and on top of it two SFT adapters with
+    train's default modules_to_save=embed_tokens,lm_head: one with the [PAD] tokenizer (one more row, the
+    seed's Alpaca-Plus) and one with the PT tokenizer (same rows as PT)."""
+    from cllama_deploy.tokenizer.merge import MergeConfig as TokenizerMergeConfig
+    from cllama_deploy.tokenizer.merge import merge_tokenizers
+    from tests.merge.builders_lora import train_adapter
+    from tests.training import builders_training as bt
+
+    root = tmp_path_factory.mktemp("trained")
+    tok, tok_pad = root / "tok", root / "tok_pad"
+    merge_tokenizers(TokenizerMergeConfig(base=base_sp_model, add=zh_sp_model, out=tok))
+    merge_tokenizers(TokenizerMergeConfig(base=base_sp_model, add=zh_sp_model, out=tok_pad, pad_token=True))
+    base = make_tiny_llama(root / "base", 512, tokenizer_model=base_sp_model, max_position_embeddings=512, seed=41)
+    pt_data = bt.write_pt_texts(root / "pt_data", n_files=2, lines=80)
+    sft_data = bt.write_alpaca(root / "sft_data", n=48)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pt = train_adapter("pt", base, tok, pt_data, root / "pt")
+        sft = train_adapter("sft", base, tok_pad, sft_data, root / "sft", lora=[pt])
+        sft_same = train_adapter("sft", base, tok, sft_data, root / "sft_same", lora=[pt])
+    return SimpleNamespace(root=root, base=base, pt=pt, sft=sft, sft_same=sft_same, tok=tok, tok_pad=tok_pad,
+                           vocab=bt.piece_count(tok / "tokenizer.model"))
