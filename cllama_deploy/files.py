@@ -11,7 +11,7 @@ import hashlib
 import os
 import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 
 def partial_path(path: Path) -> Path:
@@ -53,6 +53,37 @@ def atomic_path(path: str | os.PathLike, durable: bool = True) -> Iterator[Path]
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+
+
+def check_replaceable_dir(path: str | os.PathLike, flag: str, owned: Callable[[str], bool], *, what: str,
+                          marker: str | None = None, force: bool = False, force_flag: str | None = None) -> None:
+    """Refuse an output directory that :func:`atomic_dir` would replace although it holds something else.
+
+    ``path`` may be missing, empty, or one of the stage's own earlier outputs: every entry is a name the
+    stage writes (``owned(name)``) and, with ``marker``, the stage's marker file is there (so another
+    program's output with the same file names is not taken for ours). ``force`` skips the check.
+
+    Raises:
+        ConfigError: naming ``flag``, a few of the foreign entries and the way out.
+    """
+    from cllama_deploy.errors import ConfigError
+
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{flag} {out} is a file; give a directory")
+    if force or not out.is_dir():
+        return
+    names = sorted(p.name for p in out.iterdir())
+    if not names:
+        return
+    foreign = [n for n in names if not owned(n)]
+    if not foreign and (marker is None or marker in names):
+        return
+    held = (f"holds files that {what} did not write ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''})"
+            if foreign else f"holds files that {what} did not write (no {marker})")
+    way = f"choose a new or empty directory, or pass {force_flag} to replace it" if force_flag else \
+        "choose a new or empty directory"
+    raise ConfigError(f"{flag} {out} {held}; {way} (it is replaced as a whole)")
 
 
 @contextlib.contextmanager

@@ -40,7 +40,7 @@ from cllama_deploy.checkpoint.validate import (
     count_tokenizer,
 )
 from cllama_deploy.errors import ConfigError
-from cllama_deploy.files import atomic_dir
+from cllama_deploy.files import atomic_dir, check_replaceable_dir
 
 
 @dataclass(frozen=True)
@@ -218,6 +218,17 @@ _STORAGE_TO_DTYPE = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F6
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja", "chat_template.json")
 
+# Written into every merge output; with it (and only files merge writes) --out may be replaced.
+MERGE_MARKER = "cllama_merge.json"
+_SHARD = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")
+
+
+def is_merge_output(name: str) -> bool:
+    """Whether a file name in a merge output directory is one that merge writes."""
+    return (name in TOKENIZER_FILES or _SHARD.fullmatch(name) is not None
+            or name in ("config.json", "generation_config.json", "model.safetensors.index.json", MERGE_MARKER))
+
+
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -252,6 +263,8 @@ class MergeConfig:
     check_adapter_order: bool = field(default=True, metadata={"flag": "--no-check-adapter-order", "invert": True,
         "help": "Merge even if an adapter's training record, saved vocabulary or tokenizer says it was trained "
                 "on another model than the one it is applied to (e.g. the adapters are in the wrong order)."})
+    force: bool = field(default=False, metadata={
+        "help": "Replace --out even if it holds files that merge did not write."})
     show_progress: bool = field(default=True, metadata={"help": "No progress bar.", "flag": ("--quiet", "-q"),
                                                         "invert": True})
 
@@ -274,6 +287,8 @@ class MergeConfig:
             src = path.resolve()
             if out == src or out in src.parents or src in out.parents:
                 raise ConfigError(f"--out: {self.out} overlaps the input {flag} {path}; choose another directory")
+        check_replaceable_dir(self.out, "--out", is_merge_output, what="merge", marker=MERGE_MARKER,
+                              force=self.force, force_flag="--force")
 
 
 @dataclass
@@ -369,7 +384,8 @@ def merge(config: MergeConfig) -> MergeResult:
     """Merge LoRA adapters into a base model and write an HF directory that AutoModelForCausalLM loads.
 
     The output directory appears complete or not at all (written as ``<out>.partial``, then renamed);
-    an existing directory at ``config.out`` is replaced.
+    an earlier merge output at ``config.out`` is replaced (anything else only with ``force``, see
+    :class:`MergeConfig`).
 
     Raises:
         ConfigError: an option is invalid (the message names the flag).
@@ -384,6 +400,10 @@ def merge(config: MergeConfig) -> MergeResult:
     with atomic_dir(config.out) as tmp:
         files = write_hf(source, tmp, dtype=dtype, shard_bytes=config.shard_bytes,
                          show_progress=config.show_progress)
+        marker = {"tool": "cllama-deploy merge", "base": str(config.base.resolve()),
+                  "loras": [str(p.resolve()) for p in config.loras], "dtype": dtype,
+                  "vocab_size": source.config["vocab_size"]}
+        (tmp / MERGE_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
     names = source.names()
     return MergeResult(
         out=config.out,

@@ -52,15 +52,9 @@ class MergeConfig:
             raise ConfigError(f"--base {self.base}: no such file or directory")
         if not self.add.exists():
             raise ConfigError(f"--add {self.add}: no such SentencePiece model file or directory")
-        if self.out.exists() and not self.out.is_dir():
-            raise ConfigError(f"--out {self.out} is a file; give a directory to write the tokenizer into")
-        if self.out.is_dir():
-            foreign = sorted(p.name for p in self.out.iterdir() if p.name not in OUTPUT_FILES)
-            if foreign:
-                raise ConfigError(
-                    f"--out {self.out} already holds other files ({', '.join(foreign[:3])}); "
-                    "choose a new or empty directory (it is replaced as a whole)"
-                )
+        from cllama_deploy.files import check_replaceable_dir
+
+        check_replaceable_dir(self.out, "--out", OUTPUT_FILES.__contains__, what="tokenizer merge")
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 
@@ -48,3 +49,36 @@ def test_cli_errors(mha_case, plus_case, tmp_path, capsys):
     err = _run_error(["merge", "--base", str(plus_case.base), "--lora", str(head), "--out", out], capsys)
     assert "pass the adapter that resized the vocabulary" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_out_with_other_files_is_kept_unless_forced(mha_case, tmp_path, capsys):
+    """Issue 14 item 2: --out is replaced as a whole, so a folder holding anything merge did not write
+    is refused (a user's notes, another model), an earlier merge output is replaced, --force replaces any."""
+    base, lora = str(mha_case.base), str(mha_case.lora)
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("my notes")
+    err = _run_error(["merge", "--base", base, "--lora", lora, "--out", str(out)], capsys)
+    assert f"--out {out} holds files that merge did not write (notes.txt)" in err and "--force" in err
+    assert (out / "notes.txt").read_text() == "my notes"
+    # another model's directory: only names merge writes too, but not a merge output
+    other = shutil.copytree(mha_case.base, tmp_path / "other_model")
+    err = _run_error(["merge", "--base", base, "--lora", lora, "--out", str(other)], capsys)
+    assert "(no cllama_merge.json)" in err
+    assert sorted(p.name for p in other.iterdir()) == sorted(p.name for p in mha_case.base.iterdir())
+    # an earlier merge output is replaced; --force replaces anything
+    assert main(["merge", "--base", base, "--lora", lora, "--out", str(tmp_path / "m"), "-q"]) == 0
+    assert main(["merge", "--base", base, "--lora", lora, "--out", str(tmp_path / "m"), "-q"]) == 0
+    assert main(["merge", "--base", base, "--lora", lora, "--out", str(out), "--force", "-q"]) == 0
+    assert not (out / "notes.txt").exists() and (out / "cllama_merge.json").is_file()
+    capsys.readouterr()
+
+
+def test_tokenizer_merge_uses_the_same_check(lora_sp_model, tmp_path, capsys):
+    out = tmp_path / "tok"
+    out.mkdir()
+    (out / "notes.txt").write_text("x")
+    err = _run_error(["tokenizer", "merge", "--base", str(lora_sp_model), "--add", str(lora_sp_model),
+                      "--out", str(out)], capsys)
+    assert f"--out {out} holds files that tokenizer merge did not write (notes.txt)" in err
+    assert (out / "notes.txt").exists()
