@@ -5,12 +5,19 @@ The defaults reproduce the seed's Chinese model: unigram, 20000 pieces, characte
 every file exists, is UTF-8 and holds text (an error names the file, line and byte offset), the second
 feeds SentencePiece through an iterator, so the corpus is never held in memory by us (SentencePiece
 keeps at most ``input_sentence_size`` sampled sentences).
+
+Sampling (``--input-sentence-size``) is ours, not SentencePiece's: its reservoir sampler draws from a
+generator that ``set_random_generator_seed`` does not make reproducible, so the same ``--seed`` gave a
+different model on every run. We draw the line numbers from ``random.Random(seed)`` after the first
+pass has counted the lines, and hand SentencePiece exactly those lines (in corpus order, fewer than its
+limit, so its sampler keeps them all and draws nothing).
 """
 
 from __future__ import annotations
 
 import io
 import os
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,7 +145,18 @@ def scan_inputs(paths: Sequence[Path], on_bytes=None) -> _Scan:
     return total
 
 
-def _sentences(paths: Sequence[Path], on_bytes=None) -> Iterator[str]:
+def sample_line_numbers(lines: int, size: int, shuffle: bool, seed: int) -> set[int] | None:
+    """Which of ``lines`` non-blank lines to train on: all (None) when ``size`` is 0 or covers them, else
+    ``size`` line numbers drawn with ``seed`` (``shuffle``) or the first ``size`` lines."""
+    if size <= 0 or size >= lines:
+        return None
+    if not shuffle:
+        return set(range(size))
+    return set(random.Random(seed).sample(range(lines), size))
+
+
+def _sentences(paths: Sequence[Path], on_bytes=None, keep: set[int] | None = None) -> Iterator[str]:
+    number = 0
     for path in paths:
         last = 0
         for _, offset, text in _iter_lines(path):
@@ -146,7 +164,9 @@ def _sentences(paths: Sequence[Path], on_bytes=None) -> Iterator[str]:
                 on_bytes(offset - last)
                 last = offset
             if text.strip():
-                yield text
+                if keep is None or number in keep:
+                    yield text
+                number += 1
         if on_bytes:
             on_bytes(path.stat().st_size - last)
 
@@ -193,11 +213,13 @@ def train_tokenizer(config: TrainConfig) -> TrainResult:
         task = bar.add_task("checking input", total=total_bytes or None)
         scan = scan_inputs(config.inputs, lambda n: bar.advance(task, n))
         task = bar.add_task("reading sentences", total=scan.bytes)
-        spm.set_random_generator_seed(config.seed)
+        spm.set_random_generator_seed(config.seed)  # SentencePiece's other random choices
+        keep = sample_line_numbers(scan.lines, config.input_sentence_size, config.shuffle_input_sentence,
+                                   config.seed)
         buffer = io.BytesIO()
         try:
             spm.SentencePieceTrainer.train(
-                sentence_iterator=_sentences(config.inputs, lambda n: bar.advance(task, n)),
+                sentence_iterator=_sentences(config.inputs, lambda n: bar.advance(task, n), keep),
                 model_writer=buffer,
                 **trainer_kwargs(config),
             )
