@@ -82,7 +82,7 @@ def main() -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments, set_seed
 
-    from cllama_deploy.tokenizer.merge import MergeConfig, merge_tokenizers
+    from cllama_deploy.tokenizer.merge import TokenizerMergeConfig, merge_tokenizers
     from cllama_deploy.training.config import PTConfig
     from cllama_deploy.training.data import load_text_tokenizer
     from cllama_deploy.training.model import plan_vocab, resize_vocab
@@ -93,7 +93,8 @@ def main() -> None:
     base_tok_model = Path(args.shared) / "llama-tokenizer/tokenizer.model"
     merged_dir = out / "merged_tok"
     if not (merged_dir / "tokenizer.model").is_file():
-        merge_tokenizers(MergeConfig(base=base_tok_model, add=Path(args.shared) / "chinese_sp.model", out=merged_dir))
+        merge_tokenizers(TokenizerMergeConfig(base=base_tok_model, add=Path(args.shared) / "chinese_sp.model",
+                                              out=merged_dir))
     base_tok = load_text_tokenizer(base_tok_model)
     merged_tok = load_text_tokenizer(merged_dir)
     print(f"tokenizers: base {len(base_tok)}, merged {len(merged_tok)}")

@@ -9,9 +9,9 @@ import typer
 
 from cllama_deploy.cli.from_config import config_command
 from cllama_deploy.tokenizer.gguf_vocab import FromGGUFConfig
-from cllama_deploy.tokenizer.merge import MergeConfig
+from cllama_deploy.tokenizer.merge import TokenizerMergeConfig
 from cllama_deploy.tokenizer.stats import StatsConfig
-from cllama_deploy.tokenizer.train import TrainConfig
+from cllama_deploy.tokenizer.train import TokenizerTrainConfig
 
 app = typer.Typer(
     help="Train a Chinese SentencePiece model, merge it into LLaMA's vocabulary, compare, rebuild from GGUF.",
@@ -25,8 +25,8 @@ def _out():
     return Console()
 
 
-@config_command(app, "train", TrainConfig)
-def train_cmd(config: TrainConfig) -> None:
+@config_command(app, "train", TokenizerTrainConfig)
+def train_cmd(config: TokenizerTrainConfig) -> None:
     """Train a SentencePiece model (defaults: the seed's Chinese model, unigram 20000, nmt_nfkc)."""
     from cllama_deploy.tokenizer.train import train_tokenizer
 
@@ -37,8 +37,8 @@ def train_cmd(config: TrainConfig) -> None:
     )
 
 
-@config_command(app, "merge", MergeConfig)
-def merge_cmd(config: MergeConfig) -> None:
+@config_command(app, "merge", TokenizerMergeConfig)
+def merge_cmd(config: TokenizerMergeConfig) -> None:
     """Append the pieces of --add to --base (the seed's recipe, byte for byte) and write an HF tokenizer dir."""
     from cllama_deploy.tokenizer.merge import merge_tokenizers
 

@@ -67,9 +67,9 @@ def run_quickstart(config: QuickstartConfig) -> QuickstartResult:
     from cllama_deploy.files import atomic_dir
     from cllama_deploy.progress import console
     from cllama_deploy.quickstart.corpus import chinese_lines, english_lines, write_lines
-    from cllama_deploy.tokenizer.merge import MergeConfig, merge_tokenizers
+    from cllama_deploy.tokenizer.merge import TokenizerMergeConfig, merge_tokenizers
     from cllama_deploy.tokenizer.stats import StatsConfig, stats_table, tokenizer_stats
-    from cllama_deploy.tokenizer.train import TrainConfig, train_tokenizer
+    from cllama_deploy.tokenizer.train import TokenizerTrainConfig, train_tokenizer
 
     start = time.perf_counter()
     s = config.seed
@@ -84,17 +84,17 @@ def run_quickstart(config: QuickstartConfig) -> QuickstartResult:
         en_eval = write_lines(corpus / "en_heldout.txt", english_lines(500, seed=s + 4))
 
         console.print("[bold]2/4[/] training tokenizers (tokenizer train)")
-        base = train_tokenizer(TrainConfig.llama_like([base_txt], tmp / "base" / "tokenizer.model",
-                                                      vocab_size=config.base_vocab_size, num_threads=1,
-                                                      character_coverage=0.9995))
-        zh = train_tokenizer(TrainConfig(inputs=[zh_txt], out=tmp / "chinese_sp.model",
-                                         vocab_size=config.zh_vocab_size, num_threads=1))
+        base = train_tokenizer(TokenizerTrainConfig.llama_like([base_txt], tmp / "base" / "tokenizer.model",
+                                                               vocab_size=config.base_vocab_size, num_threads=1,
+                                                               character_coverage=0.9995))
+        zh = train_tokenizer(TokenizerTrainConfig(inputs=[zh_txt], out=tmp / "chinese_sp.model",
+                                                  vocab_size=config.zh_vocab_size, num_threads=1))
         console.print(f"  base: {base.pieces} pieces (BPE, byte fallback); Chinese: {zh.pieces} pieces (unigram)")
 
         console.print("[bold]3/4[/] merging (tokenizer merge)")
-        merged = merge_tokenizers(MergeConfig(base=base.model_path, add=zh.model_path, out=tmp / "merged"))
-        alpaca = merge_tokenizers(MergeConfig(base=base.model_path, add=zh.model_path, out=tmp / "merged-pad",
-                                              pad_token=True))
+        merged = merge_tokenizers(TokenizerMergeConfig(base=base.model_path, add=zh.model_path, out=tmp / "merged"))
+        alpaca = merge_tokenizers(TokenizerMergeConfig(base=base.model_path, add=zh.model_path,
+                                                       out=tmp / "merged-pad", pad_token=True))
         console.print(f"  {merged.base_pieces} + {merged.added_pieces} = {merged.total_pieces} pieces "
                       f"(+[PAD]: {alpaca.total_pieces})")
         parity = _check_parity(tmp / "merged", zh_eval, en_eval)

@@ -36,7 +36,7 @@ OUTPUT_FILES = {
 
 
 @dataclass
-class MergeConfig:
+class TokenizerMergeConfig:
     """Settings of ``cllama-deploy tokenizer merge``."""
 
     base: Path = field(metadata={"help": "base tokenizer: tokenizer.model, HF tokenizer dir or GGUF"})
@@ -58,7 +58,7 @@ class MergeConfig:
 
 
 @dataclass
-class MergeResult:
+class TokenizerMergeResult:
     out_dir: Path
     model_path: Path
     base_pieces: int
@@ -209,7 +209,7 @@ def verify_merged(data: bytes, base_size: int, added: list[str]) -> None:
             )
 
 
-def merge_tokenizers(config: MergeConfig) -> MergeResult:
+def merge_tokenizers(config: TokenizerMergeConfig) -> TokenizerMergeResult:
     """Merge ``config.add`` into ``config.base`` and write ``tokenizer.model`` + an HF tokenizer dir.
 
     Raises:
@@ -232,7 +232,7 @@ def merge_tokenizers(config: MergeConfig) -> MergeResult:
         model_path.write_bytes(data)
         write_hf_tokenizer_dir(model_path, tmp, pad_token=PAD_PIECE if pad_id is not None else None,
                                chat_template=config.chat_template)
-        result = MergeResult(
+        result = TokenizerMergeResult(
             out_dir=config.out, model_path=config.out / "tokenizer.model", base_pieces=len(base.pieces),
             added_pieces=len(added), skipped_pieces=skipped, total_pieces=len(merged.pieces),
             first_added_id=len(base.pieces), pad_id=pad_id, sha256=sha256_file(model_path),

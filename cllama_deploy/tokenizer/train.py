@@ -30,7 +30,7 @@ NORMALIZATIONS = ("nmt_nfkc", "nfkc", "nmt_nfkc_cf", "nfkc_cf", "identity")
 
 
 @dataclass
-class TrainConfig:
+class TokenizerTrainConfig:
     """Settings of ``cllama-deploy tokenizer train`` (defaults: the seed's Chinese model)."""
 
     inputs: Sequence[Path] = field(default_factory=list, metadata={
@@ -82,7 +82,8 @@ class TrainConfig:
             raise ConfigError(f"--out {self.out} is a directory; give the path of the .model file to write")
 
     @classmethod
-    def llama_like(cls, inputs: Sequence[Path], out: Path, vocab_size: int = 32000, **overrides) -> "TrainConfig":
+    def llama_like(cls, inputs: Sequence[Path], out: Path, vocab_size: int = 32000,
+                   **overrides) -> "TokenizerTrainConfig":
         """LLaMA's own settings: BPE, byte fallback, split digits, identity normalizer, spaces kept."""
         settings = dict(model_type="bpe", vocab_size=vocab_size, character_coverage=0.99995,
                         normalization="identity", byte_fallback=True, split_digits=True,
@@ -93,7 +94,7 @@ class TrainConfig:
 
 
 @dataclass
-class TrainResult:
+class TokenizerTrainResult:
     model_path: Path
     pieces: int
     lines: int
@@ -171,7 +172,7 @@ def _sentences(paths: Sequence[Path], on_bytes=None, keep: set[int] | None = Non
             on_bytes(path.stat().st_size - last)
 
 
-def trainer_kwargs(config: TrainConfig) -> dict:
+def trainer_kwargs(config: TokenizerTrainConfig) -> dict:
     """Keyword arguments for ``SentencePieceTrainer.train`` (besides the input and the writer)."""
     return dict(
         model_type=config.model_type,
@@ -194,7 +195,7 @@ def trainer_kwargs(config: TrainConfig) -> dict:
     )
 
 
-def train_tokenizer(config: TrainConfig) -> TrainResult:
+def train_tokenizer(config: TokenizerTrainConfig) -> TokenizerTrainResult:
     """Train a SentencePiece model on ``config.inputs`` and write it atomically to ``config.out``.
 
     Raises:
@@ -236,7 +237,7 @@ def train_tokenizer(config: TrainConfig) -> TrainResult:
     pieces = processor(data).get_piece_size()
     with atomic_path(config.out) as tmp:
         tmp.write_bytes(data)
-    return TrainResult(
+    return TokenizerTrainResult(
         model_path=config.out, pieces=pieces, lines=scan.lines, bytes=scan.bytes,
         sha256=sha256_file(config.out), seconds=time.perf_counter() - start,
     )

@@ -99,7 +99,7 @@ def trained_case(tmp_path_factory, base_sp_model, zh_sp_model):
     (+ the [PAD] variant), a PT adapter that grows the vocabulary, and on top of it two SFT adapters with
     train's default modules_to_save=embed_tokens,lm_head: one with the [PAD] tokenizer (one more row, the
     seed's Alpaca-Plus) and one with the PT tokenizer (same rows as PT)."""
-    from cllama_deploy.tokenizer.merge import MergeConfig as TokenizerMergeConfig
+    from cllama_deploy.tokenizer.merge import TokenizerMergeConfig
     from cllama_deploy.tokenizer.merge import merge_tokenizers
     from tests.merge.builders_lora import train_adapter
     from tests.training import builders_training as bt

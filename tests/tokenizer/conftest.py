@@ -35,17 +35,17 @@ def mixed():
 
 @pytest.fixture(scope="session")
 def merged_dir(tmp_path_factory, base_sp_model, zh_sp_model):
-    from cllama_deploy.tokenizer.merge import MergeConfig, merge_tokenizers
+    from cllama_deploy.tokenizer.merge import TokenizerMergeConfig, merge_tokenizers
 
     out = tmp_path_factory.mktemp("merged") / "tok"
-    merge_tokenizers(MergeConfig(base=base_sp_model, add=zh_sp_model, out=out))
+    merge_tokenizers(TokenizerMergeConfig(base=base_sp_model, add=zh_sp_model, out=out))
     return out
 
 
 @pytest.fixture(scope="session")
 def merged_pad_dir(tmp_path_factory, base_sp_model, zh_sp_model):
-    from cllama_deploy.tokenizer.merge import MergeConfig, merge_tokenizers
+    from cllama_deploy.tokenizer.merge import TokenizerMergeConfig, merge_tokenizers
 
     out = tmp_path_factory.mktemp("merged_pad") / "tok"
-    merge_tokenizers(MergeConfig(base=base_sp_model, add=zh_sp_model, out=out, pad_token=True))
+    merge_tokenizers(TokenizerMergeConfig(base=base_sp_model, add=zh_sp_model, out=out, pad_token=True))
     return out

@@ -8,7 +8,7 @@ import pytest
 
 from cllama_deploy.cli import main
 from cllama_deploy.errors import ConfigError, TokenizerError
-from cllama_deploy.tokenizer.merge import MergeConfig, check_mergeable, merge_models, merge_tokenizers
+from cllama_deploy.tokenizer.merge import TokenizerMergeConfig, check_mergeable, merge_models, merge_tokenizers
 from cllama_deploy.tokenizer.spm import load_model, pb2, processor
 
 
@@ -38,7 +38,7 @@ def seed_reference_merge(base_bytes: bytes, add_bytes: bytes, pad: bool) -> byte
 @pytest.mark.parametrize("pad", [False, True])
 def test_merge_matches_seed_recipe_byte_for_byte(tmp_path, base_sp_model, zh_sp_model, pad):
     out = tmp_path / "tok"
-    r = merge_tokenizers(MergeConfig(base=base_sp_model, add=zh_sp_model, out=out, pad_token=pad))
+    r = merge_tokenizers(TokenizerMergeConfig(base=base_sp_model, add=zh_sp_model, out=out, pad_token=pad))
     want = seed_reference_merge(base_sp_model.read_bytes(), zh_sp_model.read_bytes(), pad)
     assert (out / "tokenizer.model").read_bytes() == want
     base_n = processor(base_sp_model).get_piece_size()
@@ -76,11 +76,12 @@ def test_merge_from_hf_dir_and_gguf_bases(tmp_path, merged_dir, zh_sp_model, mix
     from tests.builders import train_llama_like_sp
 
     train_llama_like_sp(base_model)
-    r_dir = merge_tokenizers(MergeConfig(base=base_model.parent, add=zh_sp_model, out=tmp_path / "from_dir"))
-    r_file = merge_tokenizers(MergeConfig(base=base_model, add=zh_sp_model, out=tmp_path / "from_file"))
+    r_dir = merge_tokenizers(TokenizerMergeConfig(base=base_model.parent, add=zh_sp_model,
+                                                  out=tmp_path / "from_dir"))
+    r_file = merge_tokenizers(TokenizerMergeConfig(base=base_model, add=zh_sp_model, out=tmp_path / "from_file"))
     assert r_dir.sha256 == r_file.sha256
     gguf_path = write_vocab_only_gguf(gguf_vocab_from_sp(base_model), tmp_path / "base.gguf")
-    r_gguf = merge_tokenizers(MergeConfig(base=gguf_path, add=zh_sp_model, out=tmp_path / "from_gguf"))
+    r_gguf = merge_tokenizers(TokenizerMergeConfig(base=gguf_path, add=zh_sp_model, out=tmp_path / "from_gguf"))
     assert r_gguf.added_pieces == r_file.added_pieces
     a, b = processor(tmp_path / "from_file" / "tokenizer.model"), processor(tmp_path / "from_gguf" / "tokenizer.model")
     assert [a.id_to_piece(i) for i in range(a.get_piece_size())] == [b.id_to_piece(i) for i in range(b.get_piece_size())]
@@ -104,7 +105,7 @@ def test_out_dir_with_foreign_files_refused(tmp_path, base_sp_model, zh_sp_model
     out.mkdir()
     (out / "weights.safetensors").write_bytes(b"x")
     with pytest.raises(ConfigError, match="--out"):
-        MergeConfig(base=base_sp_model, add=zh_sp_model, out=out)
+        TokenizerMergeConfig(base=base_sp_model, add=zh_sp_model, out=out)
     assert (out / "weights.safetensors").exists()
 
 
@@ -120,7 +121,7 @@ def test_not_a_model_is_reported(tmp_path, zh_sp_model):
     bogus = tmp_path / "tokenizer.model"
     bogus.write_bytes(b"\x00not a protobuf at all\xff" * 10)
     with pytest.raises(TokenizerError, match="not a SentencePiece model"):
-        merge_tokenizers(MergeConfig(base=bogus, add=zh_sp_model, out=tmp_path / "o"))
+        merge_tokenizers(TokenizerMergeConfig(base=bogus, add=zh_sp_model, out=tmp_path / "o"))
 
 
 def test_hf_dir_without_tokenizer_model(tmp_path, zh_sp_model):
@@ -128,7 +129,7 @@ def test_hf_dir_without_tokenizer_model(tmp_path, zh_sp_model):
     d.mkdir()
     (d / "tokenizer.json").write_text("{}")
     with pytest.raises(TokenizerError, match="no tokenizer.model"):
-        merge_tokenizers(MergeConfig(base=d, add=zh_sp_model, out=tmp_path / "o"))
+        merge_tokenizers(TokenizerMergeConfig(base=d, add=zh_sp_model, out=tmp_path / "o"))
 
 
 # --- unsafe merges ---------------------------------------------------------------------------

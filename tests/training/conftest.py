@@ -13,10 +13,10 @@ from tests.training import builders_training as bt
 def merged_tok_dir(tmp_path_factory, base_sp_model, zh_sp_model):
     """The merged (base 512 + Chinese) tokenizer as `cllama-deploy tokenizer merge` writes it
     (tokenizer.model + HF files)."""
-    from cllama_deploy.tokenizer.merge import MergeConfig, merge_tokenizers
+    from cllama_deploy.tokenizer.merge import TokenizerMergeConfig, merge_tokenizers
 
     d = tmp_path_factory.mktemp("merged_tok") / "tok"
-    merge_tokenizers(MergeConfig(base=base_sp_model, add=zh_sp_model, out=d))
+    merge_tokenizers(TokenizerMergeConfig(base=base_sp_model, add=zh_sp_model, out=d))
     return d
 
 

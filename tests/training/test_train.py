@@ -175,10 +175,10 @@ def test_sft_with_pad_tokenizer_on_top_of_pt_adapter(tmp_path, pt_run, base_mode
     base model's (whose size no longer matches the pre-merged model)."""
     from safetensors import safe_open
 
-    from cllama_deploy.tokenizer.merge import MergeConfig, merge_tokenizers
+    from cllama_deploy.tokenizer.merge import TokenizerMergeConfig, merge_tokenizers
 
     pad_tok = tmp_path / "tok_pad"
-    merge_tokenizers(MergeConfig(base=base_sp_model, add=zh_sp_model, out=pad_tok, pad_token=True))
+    merge_tokenizers(TokenizerMergeConfig(base=base_sp_model, add=zh_sp_model, out=pad_tok, pad_token=True))
     _cfg, pt = pt_run
     cfg = SFTConfig(model_name_or_path=str(base_model_dir), tokenizer_name_or_path=str(pad_tok),
                     dataset_dir=str(sft_data_dir), output_dir=str(tmp_path / "sft"), lora=[str(pt.adapter_dir)],
