@@ -27,21 +27,23 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from cllama_deploy.gguf import keys  # noqa: E402  (after the sys.path insert)
+
 # Keys only llama.cpp writes, and why that is fine:
 EXPECTED_ONLY_THEIRS = {
-    "general.size_label": "a leaderboard label computed from the parameter count (e.g. '1.1B')",
-    "general.basename": "derived from the directory name for llama.cpp's file naming",
-    "general.finetune": "derived from the directory name for llama.cpp's file naming",
+    keys.SIZE_LABEL: "a leaderboard label computed from the parameter count (e.g. '1.1B')",
+    keys.BASENAME: "derived from the directory name for llama.cpp's file naming",
+    keys.FINETUNE: "derived from the directory name for llama.cpp's file naming",
 }
 # Keys only we write, and why:
 EXPECTED_ONLY_OURS = {
-    "tokenizer.chat_template": "the Alpaca template (llama.cpp copies one only from tokenizer_config.json)",
-    "tokenizer.ggml.add_bos_token": "written explicitly (llama.cpp takes it from tokenizer_config.json, absent here)",
-    "tokenizer.ggml.add_eos_token": "written explicitly (same)",
-    "tokenizer.ggml.unknown_token_id": "from the SentencePiece model (llama.cpp reads config.json/tokenizer_config.json)",
+    keys.CHAT_TEMPLATE: "the Alpaca template (llama.cpp copies one only from tokenizer_config.json)",
+    keys.ADD_SPECIAL_KEYS["bos"]: "written explicitly (llama.cpp takes it from tokenizer_config.json, absent here)",
+    keys.ADD_SPECIAL_KEYS["eos"]: "written explicitly (same)",
+    keys.SPECIAL_ID_KEYS["unk"]: "from the SentencePiece model (llama.cpp reads config.json/tokenizer_config.json)",
 }
 # Keys whose values may differ:
-EXPECTED_VALUE_DIFFS = {"general.name": "llama.cpp derives it from the directory name"}
+EXPECTED_VALUE_DIFFS = {keys.NAME: "llama.cpp derives it from the directory name"}
 
 
 def get_sdist(dest: Path) -> Path:
@@ -99,12 +101,10 @@ def build_models(root: Path) -> dict[str, Path]:
 
 
 def read(path: Path):
-    import gguf
+    from cllama_deploy.gguf.reader import open_gguf, read_fields
 
-    from cllama_deploy.gguf.inspect import field_value
-
-    r = gguf.GGUFReader(str(path))
-    meta = {k: field_value(f) for k, f in r.fields.items() if not k.startswith("GGUF.")}
+    r = open_gguf(path)
+    meta = read_fields(r)
     tensors = {t.name: (tuple(int(x) for x in t.shape), t.tensor_type.name, np.asarray(t.data).tobytes())
                for t in r.tensors}
     return meta, tensors

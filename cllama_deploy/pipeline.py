@@ -234,41 +234,10 @@ def versions() -> dict[str, str]:
 # -- Ollama -------------------------------------------------------------------------------------------
 
 def ollama_modelfile(gguf_name: str, chat_template: str) -> str:
-    """An Ollama Modelfile for a GGUF next to it (Go template for the Alpaca prompt, stop strings)."""
-    from cllama_deploy.prompts import ALPACA_2_SYSTEM, ALPACA_V1_SYSTEM
+    """An Ollama Modelfile for a GGUF next to it (from the prompt-format registry in ``prompts``)."""
+    from cllama_deploy.prompts import ollama_modelfile as modelfile
 
-    head = (f"# Ollama Modelfile written by cllama-deploy. Create the model with:\n"
-            f"#   ollama create {Path(gguf_name).stem} -f {Path(gguf_name).stem}.Modelfile\n"
-            f"FROM ./{gguf_name}\n")
-    spec = str(chat_template).lower()
-    if spec == "alpaca":
-        # The seed's training prompt; the system text defaults to the seed's, a SYSTEM message replaces it.
-        template = (
-            '{{- if .System }}{{ .System }}{{ else }}' + ALPACA_V1_SYSTEM + '{{ end }}\n'
-            '{{- range .Messages }}\n'
-            '{{- if eq .Role "user" }}\n\n### Instruction:\n{{ .Content }}\n\n### Response: '
-            '{{ else if eq .Role "assistant" }}{{ .Content }}</s>{{ end }}\n'
-            '{{- end }}'
-        )
-        stops = ["### Instruction:", "</s>"]
-    elif spec == "alpaca-2":
-        template = (
-            '{{- $first := true }}\n'
-            '{{- range .Messages }}\n'
-            '{{- if eq .Role "user" }}{{ if $first }}[INST] <<SYS>>\n'
-            '{{ if $.System }}{{ $.System }}{{ else }}' + ALPACA_2_SYSTEM + '{{ end }}\n'
-            '<</SYS>>\n\n{{ .Content }} [/INST]{{ $first = false }}'
-            '{{- else }}<s>[INST] {{ .Content }} [/INST]{{ end }}'
-            '{{- else if eq .Role "assistant" }} {{ .Content }} </s>{{ end }}\n'
-            '{{- end }}'
-        )
-        stops = ["[INST]", "</s>"]
-    else:
-        return head + ("# No Ollama TEMPLATE: the GGUF carries a custom chat template "
-                       "(tokenizer.chat_template); write a Go TEMPLATE for it here.\n")
-    lines = [head, f'TEMPLATE """{template}"""\n']
-    lines += [f'PARAMETER stop "{s}"\n' for s in stops]
-    return "".join(lines)
+    return modelfile(gguf_name, chat_template)
 
 
 # -- the pipeline --------------------------------------------------------------------------------------

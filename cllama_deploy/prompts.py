@@ -1,15 +1,20 @@
-"""Alpaca prompt templates: the single source used by training, the GGUF converter and the server.
+"""The prompt formats (Alpaca v1 and -2): ONE registry used by training, the GGUF converter, the
+Ollama Modelfile writer and the server.
 
-``ALPACA_V1`` is the seed's (Chinese-LLaMA-Alpaca) training prompt, note the trailing space after
-"### Response:". ``ALPACA_2`` is the Chinese-LLaMA-Alpaca-2 variant with a system prompt in
-LLaMA-2 chat format. Each also exists as a Jinja chat template (HF / GGUF
-``tokenizer.chat_template`` convention: ``messages`` with ``role``/``content``, ``bos_token``,
-``eos_token``, ``add_generation_prompt``) that renders a single user turn exactly like the training
-prompt, so a chat request to the server sees the text the model was trained on.
+Each :class:`PromptFormat` holds every form of one format: the Python text of a single instruction
+(what training sees), the Jinja chat template (HF / GGUF ``tokenizer.chat_template`` convention:
+``messages`` with ``role``/``content``, ``bos_token``, ``eos_token``, ``add_generation_prompt``) that
+renders a single user turn exactly like the training prompt, the Ollama Go ``TEMPLATE`` that does the
+same, and the stop strings a server adds besides EOS.
+
+``alpaca`` is the seed's (Chinese-LLaMA-Alpaca) training prompt, note the trailing space after
+"### Response:". ``alpaca-2`` is the Chinese-LLaMA-Alpaca-2 variant with a system prompt in LLaMA-2
+chat format.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 ALPACA_V1_SYSTEM = (
@@ -21,7 +26,7 @@ ALPACA_V1 = ALPACA_V1_SYSTEM + "\n\n### Instruction:\n{instruction}\n\n### Respo
 ALPACA_2_SYSTEM = "You are a helpful assistant. 你是一个乐于助人的助手。"
 ALPACA_2 = "[INST] <<SYS>>\n{system_prompt}\n<</SYS>>\n\n{instruction} [/INST]"
 
-# Stop strings a server should add for these formats (besides EOS).
+# Stop strings a server adds for these formats (besides EOS).
 ALPACA_V1_STOP = ["### Instruction:", "\n\n### "]
 ALPACA_2_STOP = ["[INST]"]
 
@@ -57,23 +62,108 @@ ALPACA_2_CHAT_TEMPLATE = (
     "{%- endfor -%}"
 )
 
-TEMPLATES = {"alpaca": ALPACA_V1_CHAT_TEMPLATE, "alpaca-2": ALPACA_2_CHAT_TEMPLATE}
-STOPS = {"alpaca": ALPACA_V1_STOP, "alpaca-2": ALPACA_2_STOP}
+# Ollama Go templates: the same text as the Jinja templates (Ollama adds BOS itself); a SYSTEM message
+# replaces the default system text.
+ALPACA_V1_OLLAMA_TEMPLATE = (
+    '{{- if .System }}{{ .System }}{{ else }}' + ALPACA_V1_SYSTEM + '{{ end }}\n'
+    '{{- range .Messages }}\n'
+    '{{- if eq .Role "user" }}\n\n### Instruction:\n{{ .Content }}\n\n### Response: '
+    '{{ else if eq .Role "assistant" }}{{ .Content }}</s>{{ end }}\n'
+    '{{- end }}'
+)
+ALPACA_2_OLLAMA_TEMPLATE = (
+    '{{- $first := true }}\n'
+    '{{- range .Messages }}\n'
+    '{{- if eq .Role "user" }}{{ if $first }}[INST] <<SYS>>\n'
+    '{{ if $.System }}{{ $.System }}{{ else }}' + ALPACA_2_SYSTEM + '{{ end }}\n'
+    '<</SYS>>\n\n{{ .Content }} [/INST]{{ $first = false }}'
+    '{{- else }}<s>[INST] {{ .Content }} [/INST]{{ end }}'
+    '{{- else if eq .Role "assistant" }} {{ .Content }} </s>{{ end }}\n'
+    '{{- end }}'
+)
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """Every form of one prompt format (see the module docstring)."""
+
+    name: str
+    system: str                   # the default system text
+    prompt: str                   # one instruction, as trained (no BOS): str.format fields below
+    chat_template: str            # Jinja
+    ollama_template: str          # Ollama Go TEMPLATE
+    stop: tuple[str, ...]         # stop strings besides EOS (server, Modelfile)
+
+    def build(self, instruction: str, input: str = "", system_prompt: str | None = None) -> str:
+        """The training/inference text of one instruction (no BOS); a non-empty ``input`` follows the
+        instruction after a newline, as the seed built it."""
+        if input:
+            instruction = f"{instruction}\n{input}"
+        return self.prompt.format(instruction=instruction, system_prompt=system_prompt or self.system)
+
+    @property
+    def ollama_stops(self) -> tuple[str, ...]:
+        # a Modelfile's quoted PARAMETER value is one line; "### Instruction:" ends the same turns
+        return tuple(s for s in self.stop if "\n" not in s)
+
+
+FORMATS: dict[str, PromptFormat] = {
+    "alpaca": PromptFormat("alpaca", ALPACA_V1_SYSTEM,
+                           "{system_prompt}" + ALPACA_V1[len(ALPACA_V1_SYSTEM):], ALPACA_V1_CHAT_TEMPLATE,
+                           ALPACA_V1_OLLAMA_TEMPLATE, tuple(ALPACA_V1_STOP)),
+    "alpaca-2": PromptFormat("alpaca-2", ALPACA_2_SYSTEM, ALPACA_2, ALPACA_2_CHAT_TEMPLATE,
+                             ALPACA_2_OLLAMA_TEMPLATE, tuple(ALPACA_2_STOP)),
+}
+
+# Views kept for callers of the earlier names.
+TEMPLATES = {name: f.chat_template for name, f in FORMATS.items()}
+STOPS = {name: list(f.stop) for name, f in FORMATS.items()}
+
+
+def prompt_format(name: str, flag: str = "--chat-template") -> PromptFormat:
+    """The registered format ``name``.
+
+    Raises:
+        ConfigError: unknown name (the message names ``flag``).
+    """
+    if name in FORMATS:
+        return FORMATS[name]
+    from cllama_deploy.errors import ConfigError
+
+    raise ConfigError(f"{flag} {name!r}: choose one of {', '.join(FORMATS)}")
+
+
+def format_of_template(template: str | None) -> PromptFormat | None:
+    """The registered format whose Jinja chat template is exactly ``template`` (None for custom ones)."""
+    return next((f for f in FORMATS.values() if f.chat_template == template), None)
+
+
+def ollama_modelfile(gguf_name: str, chat_template: str | None) -> str:
+    """An Ollama Modelfile for a GGUF next to it: the format's Go TEMPLATE and stop strings (+ EOS).
+
+    ``chat_template`` is a format name; anything else (a custom Jinja file, none) gets no TEMPLATE and
+    a comment saying so.
+    """
+    stem = Path(gguf_name).stem
+    head = (f"# Ollama Modelfile written by cllama-deploy. Create the model with:\n"
+            f"#   ollama create {stem} -f {stem}.Modelfile\n"
+            f"FROM ./{gguf_name}\n")
+    fmt = FORMATS.get(str(chat_template).lower())
+    if fmt is None:
+        return head + ("# No Ollama TEMPLATE: the GGUF carries a custom chat template "
+                       "(tokenizer.chat_template); write a Go TEMPLATE for it here.\n")
+    stops = list(fmt.ollama_stops) + ["</s>"]  # LLaMA's EOS text, in case a model writes it out
+    lines = [head, f'TEMPLATE """{fmt.ollama_template}"""\n']
+    lines += [f'PARAMETER stop "{s}"\n' for s in stops]
+    return "".join(lines)
 
 
 def build_prompt(instruction: str, input: str = "", *, variant: str = "alpaca",
                  system_prompt: str | None = None) -> str:
-    """Training/inference prompt for one instruction (no BOS), as the seed built it.
-
-    A non-empty ``input`` is appended to the instruction after a newline.
-    """
-    if input:
-        instruction = f"{instruction}\n{input}"
-    if variant == "alpaca":
-        return ALPACA_V1.format(instruction=instruction)
-    if variant == "alpaca-2":
-        return ALPACA_2.format(instruction=instruction, system_prompt=system_prompt or ALPACA_2_SYSTEM)
-    raise ValueError(f"unknown prompt template {variant!r}; choose 'alpaca' or 'alpaca-2'")
+    """Training/inference prompt for one instruction (no BOS): ``FORMATS[variant].build(...)``."""
+    if variant not in FORMATS:
+        raise ValueError(f"unknown prompt template {variant!r}; choose one of {', '.join(FORMATS)}")
+    return FORMATS[variant].build(instruction, input, system_prompt)
 
 
 def load_chat_template(spec: str) -> str:

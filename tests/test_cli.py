@@ -75,8 +75,9 @@ def _help_lines(path: list[str], monkeypatch, capsys) -> list[str]:
 
 
 def _line_of(lines: list[str], name: str) -> str:
-    pattern = re.compile(rf"(?<![\w-]){re.escape(name)}(?![\w-])")
-    found = [line for line in lines if line.lstrip().startswith("│") and pattern.search(line)]
+    # the row that starts with the name (after the box edge and the "required" star)
+    pattern = re.compile(rf"^\s*│\s*(\*\s+)?{re.escape(name)}(?![\w-])")
+    found = [line for line in lines if pattern.search(line)]
     assert found, f"{name} is not in --help"
     return found[0]
 

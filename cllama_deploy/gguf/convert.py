@@ -31,21 +31,14 @@ import numpy as np
 from cllama_deploy.checkpoint import TensorSource
 from cllama_deploy.errors import CheckpointError, ConfigError, ShapeMismatchError
 from cllama_deploy.files import atomic_path
+from cllama_deploy.gguf import keys
 from cllama_deploy.gguf.names import QK_PERMUTED, ROPE_FREQS, gguf_name
 from cllama_deploy.options import option
 
-ARCH = "llama"
+ARCH = keys.ARCH
 
-# --outtype → (general.file_type = llama_ftype, GGML type name of the quantizable tensors)
-OUTTYPES: dict[str, tuple[int, str]] = {
-    "f32": (0, "F32"),  # LLAMA_FTYPE_ALL_F32
-    "f16": (1, "F16"),  # LLAMA_FTYPE_MOSTLY_F16
-    "bf16": (32, "BF16"),  # LLAMA_FTYPE_MOSTLY_BF16
-    "q8_0": (7, "Q8_0"),  # LLAMA_FTYPE_MOSTLY_Q8_0
-}
-
-# GGML_QNT_VERSION written by llama.cpp's converter (general.quantization_version)
-QUANT_VERSION = 2
+# --outtype → GGML type name of the quantizable tensors (general.file_type: keys.file_type(outtype))
+OUTTYPES: dict[str, str] = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}
 
 CHAT_TEMPLATE_CHOICES = "alpaca, alpaca-2, none, or a path to a .jinja file"
 
@@ -58,10 +51,10 @@ class ConvertConfig:
                                   "tokenizer.model).", argument=True, metavar="MODEL_DIR")
     out: Path = option(help="Output GGUF file (written atomically).", flag=("--out", "-o"))
     outtype: str = option("f16", "f32, f16, bf16 or q8_0 (other types: `cllama-deploy quantize`).",
-                          choices=("f32", "f16", "bf16", "q8_0"))
+                          choices=tuple(OUTTYPES))
     chat_template: str = option("alpaca", "alpaca (the seed's v1 prompt), alpaca-2, none, or a path to a "
                                 "Jinja file.")
-    name: str | None = option(None, "general.name.", default_text="the model directory's name")
+    name: str | None = option(None, "The model name stored in the GGUF.", default_text="the model directory's name")
     tokenizer: Path | None = option(None, "A tokenizer.model to use instead of the one in MODEL_DIR.",
                                     default_text="MODEL_DIR/tokenizer.model")
     show_progress: bool = option(True, "No progress bar on stderr.", flag=("--quiet", "-q"), invert=True)
@@ -287,7 +280,7 @@ def tensor_type(name: str, shape: tuple[int, ...], outtype: str) -> str:
     """The GGML type llama.cpp's converter gives a tensor for an output type."""
     if len(shape) <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight"):
         return "F32"
-    qtype = OUTTYPES[outtype][1]
+    qtype = OUTTYPES[outtype]
     if qtype == "Q8_0" and shape[-1] % 32:
         return "F16"  # Q8_0 blocks are 32 values of one row
     return qtype
@@ -445,73 +438,52 @@ def load_vocab(tokenizer_dir: Path | None, config: dict, tokenizer_model: Path |
 
 def _metadata(p: LlamaParams, vocab, ftype: int, name: str, chat_template: str | None) -> list[tuple]:
     """(key, value, GGUFValueType name) rows in the order llama.cpp's converter writes them."""
+    import dataclasses
+
     rows: list[tuple] = [
-        ("general.type", "model", "STRING"),
-        ("general.name", name, "STRING"),
-        (f"{ARCH}.block_count", p.n_layers, "UINT32"),
-        (f"{ARCH}.context_length", p.context_length, "UINT32"),
-        (f"{ARCH}.embedding_length", p.hidden, "UINT32"),
-        (f"{ARCH}.feed_forward_length", p.intermediate, "UINT32"),
-        (f"{ARCH}.attention.head_count", p.n_heads, "UINT32"),
-        (f"{ARCH}.attention.head_count_kv", p.n_kv_heads, "UINT32"),
+        (keys.GENERAL_TYPE, "model", "STRING"),
+        (keys.NAME, name, "STRING"),
+        (keys.BLOCK_COUNT, p.n_layers, "UINT32"),
+        (keys.CONTEXT_LENGTH, p.context_length, "UINT32"),
+        (keys.EMBEDDING_LENGTH, p.hidden, "UINT32"),
+        (keys.FEED_FORWARD_LENGTH, p.intermediate, "UINT32"),
+        (keys.HEAD_COUNT, p.n_heads, "UINT32"),
+        (keys.HEAD_COUNT_KV, p.n_kv_heads, "UINT32"),
     ]
     s = p.rope_scaling
     if s is not None and s["rope_type"] == "linear":
-        rows += [(f"{ARCH}.rope.scaling.type", "linear", "STRING"),
-                 (f"{ARCH}.rope.scaling.factor", float(s["factor"]), "FLOAT32")]
+        rows += [(keys.ROPE_SCALING_TYPE, "linear", "STRING"),
+                 (keys.ROPE_SCALING_FACTOR, float(s["factor"]), "FLOAT32")]
     elif s is not None and s["rope_type"] == "yarn":
-        rows += [(f"{ARCH}.rope.scaling.type", "yarn", "STRING"),
-                 (f"{ARCH}.rope.scaling.factor", float(s["factor"]), "FLOAT32"),
-                 (f"{ARCH}.rope.scaling.original_context_length",
+        rows += [(keys.ROPE_SCALING_TYPE, "yarn", "STRING"),
+                 (keys.ROPE_SCALING_FACTOR, float(s["factor"]), "FLOAT32"),
+                 (keys.ROPE_SCALING_ORIG_CTX_LEN,
                   int(s.get("original_max_position_embeddings") or p.context_length), "UINT32")]
-        for hf_key, key in (("extrapolation_factor", "yarn_ext_factor"), ("attention_factor", "yarn_attn_factor"),
-                            ("beta_fast", "yarn_beta_fast"), ("beta_slow", "yarn_beta_slow")):
+        for hf_key, key in keys.ROPE_YARN_KEYS.items():
             if s.get(hf_key) is not None:
-                rows.append((f"{ARCH}.rope.scaling.{key}", float(s[hf_key]), "FLOAT32"))
+                rows.append((key, float(s[hf_key]), "FLOAT32"))
     rows += [
-        (f"{ARCH}.rope.freq_base", float(p.rope_theta), "FLOAT32"),
-        (f"{ARCH}.attention.layer_norm_rms_epsilon", float(p.rms_eps), "FLOAT32"),
+        (keys.ROPE_FREQ_BASE, float(p.rope_theta), "FLOAT32"),
+        (keys.RMS_EPS, float(p.rms_eps), "FLOAT32"),
     ]
     if p.head_dim_given:
-        rows += [(f"{ARCH}.attention.key_length", p.head_dim, "UINT32"),
-                 (f"{ARCH}.attention.value_length", p.head_dim, "UINT32")]
+        rows += [(keys.KEY_LENGTH, p.head_dim, "UINT32"),
+                 (keys.VALUE_LENGTH, p.head_dim, "UINT32")]
     rows += [
-        ("general.file_type", ftype, "UINT32"),
-        (f"{ARCH}.vocab_size", p.vocab_size, "UINT32"),
-        (f"{ARCH}.rope.dimension_count", p.head_dim, "UINT32"),
-        ("general.quantization_version", QUANT_VERSION, "UINT32"),
-        ("tokenizer.ggml.model", "llama", "STRING"),
-        ("tokenizer.ggml.pre", "default", "STRING"),
-        ("tokenizer.ggml.tokens", vocab.tokens, "ARRAY"),
-        ("tokenizer.ggml.scores", [float(x) for x in vocab.scores], "ARRAY"),
-        ("tokenizer.ggml.token_type", [int(x) for x in vocab.token_types], "ARRAY"),
+        (keys.FILE_TYPE, ftype, "UINT32"),
+        (keys.VOCAB_SIZE, p.vocab_size, "UINT32"),
+        (keys.ROPE_DIMENSION_COUNT, p.head_dim, "UINT32"),
+        (keys.QUANTIZATION_VERSION, keys.QUANT_VERSION, "UINT32"),
     ]
-    if vocab.add_space_prefix is not None:
-        rows.append(("tokenizer.ggml.add_space_prefix", bool(vocab.add_space_prefix), "BOOL"))
-    if vocab.remove_extra_whitespaces is not None:
-        rows.append(("tokenizer.ggml.remove_extra_whitespaces", bool(vocab.remove_extra_whitespaces), "BOOL"))
-    special_keys = {"bos": "bos_token_id", "eos": "eos_token_id", "unk": "unknown_token_id",
-                    "pad": "padding_token_id", "sep": "seperator_token_id", "cls": "cls_token_id",
-                    "mask": "mask_token_id"}  # "seperator" is llama.cpp's spelling of the key
-    for kind, tid in vocab.special_ids.items():
-        if kind in special_keys and tid is not None and tid >= 0:
-            rows.append((f"tokenizer.ggml.{special_keys[kind]}", int(tid), "UINT32"))
-    rows += [("tokenizer.ggml.add_bos_token", bool(vocab.add_bos), "BOOL"),
-             ("tokenizer.ggml.add_eos_token", bool(vocab.add_eos), "BOOL")]
-    if chat_template:
-        rows.append(("tokenizer.chat_template", chat_template, "STRING"))
-    return rows
+    # the tokenizer.* rows: the chat template is the one chosen here, not the HF directory's
+    return rows + dataclasses.replace(vocab, chat_template=chat_template or None).metadata_rows()
 
 
 def _new_writer(rows: list[tuple], plan: list[_Tensor], outtype: str):
     import gguf
 
-    w = gguf.GGUFWriter(path=None, arch=ARCH)
-    for key, value, vtype in rows:
-        if vtype == "ARRAY":
-            w.add_array(key, value)
-        else:
-            w.add_key_value(key, value, gguf.GGUFValueType[vtype])
+    w = gguf.GGUFWriter(path=None, arch=keys.ARCH)
+    keys.write_rows(w, rows)
     types: dict[str, str] = {}
     for t in plan:
         qtype = tensor_type(t.name, t.shape, outtype)
@@ -553,11 +525,10 @@ def convert_source(source: TensorSource, outputs: Sequence[tuple[str | Path, str
 
     writers = []
     for path, outtype in outs:
-        rows = _metadata(p, vocab, OUTTYPES[outtype][0], name, template)
+        rows = _metadata(p, vocab, keys.file_type(OUTTYPES[outtype]), name, template)
         writers.append((path, outtype, *_new_writer(rows, plan, outtype)))
 
     n_params = sum(int(np.prod(t.shape)) for t in plan)
-    total_bytes = sum(int(np.prod(t.shape)) for t in plan)
     with contextlib.ExitStack() as stack:
         scratch_paths = {Path(x) for x in scratch}
         tmp_paths = [stack.enter_context(atomic_path(path, durable=path not in scratch_paths))
@@ -567,7 +538,7 @@ def convert_source(source: TensorSource, outputs: Sequence[tuple[str | Path, str
             w.write_kv_data_to_file()
             w.write_ti_data_to_file()
         bar = stack.enter_context(_progress(show_progress))
-        task = bar.add_task("convert", total=total_bytes) if bar else None
+        task = bar.add_task("convert", total=n_params) if bar else None  # advanced by parameters written
         for t, data in _tensors(source, plan, p):
             for _, _, w, types in writers:
                 _write_tensor(w, data, types[t.name])

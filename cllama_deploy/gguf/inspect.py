@@ -6,19 +6,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cllama_deploy.errors import InputError
+from cllama_deploy.gguf import keys
 from cllama_deploy.options import option
-
-# tokenizer.ggml.token_type values (llama.cpp llama_token_type / gguf.TokenType)
-TOKEN_TYPE_NAMES = {0: "undefined", 1: "normal", 2: "unknown", 3: "control", 4: "user_defined",
-                    5: "unused", 6: "byte"}
-
-SPECIAL_KEYS = {"bos": "tokenizer.ggml.bos_token_id", "eos": "tokenizer.ggml.eos_token_id",
-                "unk": "tokenizer.ggml.unknown_token_id", "pad": "tokenizer.ggml.padding_token_id"}
-
-# arrays too long to show in full; inspect shows their length
-_LONG_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type",
-                "tokenizer.ggml.merges")
 
 
 @dataclass
@@ -46,99 +35,52 @@ class GGUFInfo:
         return asdict(self)
 
 
-def field_value(f) -> Any:
-    """A GGUFReader field as a Python value (str, int, float, bool or list of those)."""
-    import gguf
-
-    vt = gguf.GGUFValueType
-    kind = f.types[0] if f.types else None
-    if kind == vt.STRING:
-        return bytes(f.parts[f.data[0]]).decode("utf-8", "replace")
-    if kind == vt.ARRAY:
-        sub = f.types[-1]
-        if sub == vt.STRING:
-            return [bytes(f.parts[i]).decode("utf-8", "replace") for i in f.data]
-        return [f.parts[i].tolist()[0] for i in f.data]
-    value = f.parts[f.data[0]].tolist()[0]
-    return bool(value) if kind == vt.BOOL else value
-
-
-def read_metadata(path: str | Path) -> dict[str, Any]:
-    """All key/values of a GGUF, arrays included in full."""
-    reader = _open(Path(path))
-    return {name: field_value(f) for name, f in reader.fields.items() if not name.startswith("GGUF.")}
-
-
-def _open(path: Path):
-    import gguf
-
-    if not path.is_file():
-        raise InputError(f"MODEL {path}: no such file")
-    with open(path, "rb") as fh:
-        if fh.read(4) != b"GGUF":
-            raise InputError(f"MODEL {path}: not a GGUF file (it does not start with 'GGUF')")
-    try:
-        return gguf.GGUFReader(str(path))
-    except Exception as exc:  # noqa: BLE001 - a truncated/corrupt file fails in many ways
-        raise InputError(f"MODEL {path}: unreadable GGUF ({type(exc).__name__}: {exc}); "
-                         "the file is truncated or corrupt, write it again") from exc
-
-
 def inspect_gguf(path: str | Path) -> GGUFInfo:
     """Metadata, tensors and a vocabulary summary of a GGUF file.
 
     Raises:
         InputError: the file is missing or not a readable GGUF.
     """
+    from cllama_deploy.gguf.reader import open_gguf, read_fields, weight_totals
+
     path = Path(path)
-    reader = _open(path)
+    reader = open_gguf(path, "MODEL")
+    full = read_fields(reader)
     meta: dict[str, Any] = {}
-    full: dict[str, Any] = {}
-    for name, f in reader.fields.items():
-        if name.startswith("GGUF."):
-            continue
-        value = field_value(f)
-        full[name] = value
-        if name in _LONG_ARRAYS:
+    for name, value in full.items():
+        if name in keys.LONG_ARRAYS:
             meta[name] = f"[{len(value)} items]"
-        elif name == "tokenizer.chat_template":
+        elif name == keys.CHAT_TEMPLATE:
             meta[name] = f"[{len(value)} characters]"
         else:
             meta[name] = value
-    tensors = []
-    counts: dict[str, int] = {}
-    n_el = n_bytes = 0
-    for t in reader.tensors:
-        tname = t.tensor_type.name
-        tensors.append({"name": t.name, "shape": [int(x) for x in t.shape], "type": tname,
-                        "n_bytes": int(t.n_bytes)})
-        counts[tname] = counts.get(tname, 0) + 1
-        n_el += int(t.n_elements)
-        n_bytes += int(t.n_bytes)
-    tokens = full.get("tokenizer.ggml.tokens") or []
-    types = full.get("tokenizer.ggml.token_type") or []
+    tensors = [{"name": t.name, "shape": [int(x) for x in t.shape], "type": t.tensor_type.name,
+                "n_bytes": int(t.n_bytes)} for t in reader.tensors]
+    totals = weight_totals(reader)
+    tokens = full.get(keys.TOKENS) or []
     by_type: dict[str, int] = {}
-    for ty in types:
-        key = TOKEN_TYPE_NAMES.get(int(ty), str(ty))
-        by_type[key] = by_type.get(key, 0) + 1
+    for ty in full.get(keys.TOKEN_TYPES) or []:
+        name = keys.TOKEN_TYPE_NAMES.get(int(ty), str(ty))
+        by_type[name] = by_type.get(name, 0) + 1
     specials = {}
-    for kind, key in SPECIAL_KEYS.items():
+    for kind in ("bos", "eos", "unk", "pad"):
+        key = keys.SPECIAL_ID_KEYS[kind]
         if key in full:
             tid = int(full[key])
             specials[kind] = {"id": tid, "piece": tokens[tid] if 0 <= tid < len(tokens) else None}
     vocab = {
-        "model": full.get("tokenizer.ggml.model"),
-        "pre": full.get("tokenizer.ggml.pre"),
+        "model": full.get(keys.TOKENIZER_MODEL),
+        "pre": full.get(keys.TOKENIZER_PRE),
         "size": len(tokens),
         "by_type": by_type,
         "specials": specials,
-        "add_bos": full.get("tokenizer.ggml.add_bos_token"),
-        "add_eos": full.get("tokenizer.ggml.add_eos_token"),
+        "add_bos": full.get(keys.ADD_SPECIAL_KEYS["bos"]),
+        "add_eos": full.get(keys.ADD_SPECIAL_KEYS["eos"]),
     }
     return GGUFInfo(
         path=str(path), size_bytes=path.stat().st_size, metadata=meta, tensors=tensors, vocab=vocab,
-        chat_template=full.get("tokenizer.chat_template"), n_params=n_el,
-        bits_per_weight=(8.0 * n_bytes / n_el) if n_el else 0.0, tensor_types=counts,
+        chat_template=full.get(keys.CHAT_TEMPLATE), n_params=totals.n_params,
+        bits_per_weight=totals.bits_per_weight, tensor_types=totals.type_counts,
     )
 
 

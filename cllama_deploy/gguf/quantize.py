@@ -112,14 +112,14 @@ def available_types() -> list[str]:
 
 
 def ftype_of(qtype: str) -> int:
-    """The llama_ftype number of a type in the installed llama.cpp."""
-    llama_cpp = require("llama_cpp", "all")
-    const = QUANT_TYPES[qtype][0]
-    value = getattr(llama_cpp, const, None)
-    if value is None:
-        raise DependencyError(f"the installed llama-cpp-python has no {const}; upgrade it "
-                              "(pip install -U llama-cpp-python) or choose another type")
-    return int(value)
+    """The llama_ftype number of a type (``cllama_deploy.gguf.keys.file_type``)."""
+    from cllama_deploy.gguf.keys import file_type
+
+    try:
+        return file_type(qtype)
+    except KeyError:
+        raise DependencyError(f"the installed llama-cpp-python has no {QUANT_TYPES[qtype][0]}; upgrade it "
+                              "(pip install -U llama-cpp-python) or choose another type") from None
 
 
 def ggml_type_of(name: str, flag: str) -> int:
@@ -133,10 +133,10 @@ def ggml_type_of(name: str, flag: str) -> int:
 
 
 def default_threads() -> int:
-    env = os.environ.get("CLLAMA_N_THREADS")
-    if env and env.isdigit() and int(env) > 0:
-        return int(env)
-    return os.cpu_count() or 1
+    """Quantization threads: ``CLLAMA_N_THREADS``, else every usable core (``engine.threads``)."""
+    from cllama_deploy.engine.threads import default_n_threads
+
+    return default_n_threads("quantize")
 
 
 @dataclass
@@ -176,14 +176,7 @@ class QuantizeConfig:
             ggml_type_of(self.token_embedding_type, "--token-embedding-type")
 
 
-def check_gguf_file(path: Path, flag: str) -> None:
-    if not path.is_file():
-        raise InputError(f"{flag} {path}: no such file")
-    with open(path, "rb") as fh:
-        magic = fh.read(4)
-    if magic != b"GGUF":
-        raise InputError(f"{flag} {path}: not a GGUF file (it does not start with 'GGUF'); "
-                         "convert the model first with `cllama-deploy convert`")
+from cllama_deploy.gguf.reader import check_gguf_file  # noqa: E402  (kept importable from here)
 
 
 @dataclass
@@ -225,11 +218,12 @@ def tensor_report(path: Path, base_type: str) -> tuple[list[TensorReport], int, 
     """Per-tensor types of a GGUF against the base type; also (elements, data bytes)."""
     import gguf
 
-    reader = gguf.GGUFReader(str(path))
+    from cllama_deploy.gguf.reader import scan_gguf, weight_totals
+
+    reader = scan_gguf(path, "OUT")  # the tensor table only: GGUFReader takes seconds on a large vocabulary
     block_of = {q.name: gguf.GGML_QUANT_SIZES[q][0] for q in gguf.GGML_QUANT_SIZES}
     base_block = block_of.get(base_type, 1)
     out: list[TensorReport] = []
-    n_el = n_bytes = 0
     for t in reader.tensors:
         tname = t.tensor_type.name
         shape = tuple(int(x) for x in t.shape)  # GGML order: ne0 (row length) first
@@ -242,9 +236,8 @@ def tensor_report(path: Path, base_type: str) -> tuple[list[TensorReport], int, 
         else:
             status = "mixture"
         out.append(TensorReport(t.name, shape, tname, status, int(t.n_bytes)))
-        n_el += int(t.n_elements)
-        n_bytes += int(t.n_bytes)
-    return out, n_el, n_bytes
+    totals = weight_totals(reader)
+    return out, totals.n_params, totals.n_bytes
 
 
 class _LlamaLog:
@@ -292,17 +285,9 @@ class _LlamaLog:
 
 def _input_file_type(path: Path) -> str | None:
     """The input's general.file_type as a type name (None when absent)."""
-    import gguf
+    from cllama_deploy.gguf.reader import file_type_of, scan_gguf
 
-    f = gguf.GGUFReader(str(path)).fields.get("general.file_type")
-    if f is None:
-        return None
-    value = int(f.parts[f.data[0]][0])
-    for name in QUANT_TYPES:
-        with contextlib.suppress(DependencyError):
-            if ftype_of(name) == value:
-                return name
-    return str(value)
+    return file_type_of(scan_gguf(path, "IN"))
 
 
 def _error_from_log(log: str, cfg: QuantizeConfig) -> CllamaError:

@@ -59,19 +59,6 @@ GGUF_TO_SP_PIECE_TYPE = {
 SPECIAL_TYPES = ("bos", "eos", "unk", "sep", "pad", "cls", "mask")
 PAD_FILL_SCORE = -10000.0    # ids past the SentencePiece model, up to config vocab_size
 ADDED_TOKEN_SCORE = -1000.0  # added_tokens.json / added_tokens_decoder entries
-# GGUF keys (gguf.Keys.Tokenizer) read or written here.
-KEY_MODEL = "tokenizer.ggml.model"
-KEY_PRE = "tokenizer.ggml.pre"
-KEY_TOKENS = "tokenizer.ggml.tokens"
-KEY_SCORES = "tokenizer.ggml.scores"
-KEY_TYPES = "tokenizer.ggml.token_type"
-KEY_ADD_PREFIX = "tokenizer.ggml.add_space_prefix"
-KEY_REMOVE_WS = "tokenizer.ggml.remove_extra_whitespaces"
-KEY_IDS = {t: f"tokenizer.ggml.{'unknown' if t == 'unk' else t}_token_id" for t in SPECIAL_TYPES}
-KEY_ADD = {"bos": "tokenizer.ggml.add_bos_token", "eos": "tokenizer.ggml.add_eos_token"}
-KEY_CHAT_TEMPLATE = "tokenizer.chat_template"
-
-
 @dataclass
 class GGUFVocab:
     """The ``tokenizer.*`` metadata of a SentencePiece (llama.cpp "llama"/SPM) GGUF."""
@@ -98,25 +85,38 @@ class GGUFVocab:
         ids.update(self.other_special_ids)
         return {k: v for k, v in ids.items() if v is not None}
 
+    def metadata_rows(self) -> list[tuple]:
+        """``(key, value, GGUFValueType name)`` rows, in the order and with the types llama.cpp's
+        converter writes them (``tokenizer.*``; the chat template when set)."""
+        from cllama_deploy.gguf import keys
+
+        rows: list[tuple] = [
+            (keys.TOKENIZER_MODEL, self.model, "STRING"),
+            (keys.TOKENIZER_PRE, self.pre, "STRING"),
+            (keys.TOKENS, list(self.tokens), "ARRAY"),
+            (keys.SCORES, [float(x) for x in self.scores], "ARRAY"),
+            (keys.TOKEN_TYPES, [int(x) for x in self.token_types], "ARRAY"),
+        ]
+        if self.add_space_prefix is not None:
+            rows.append((keys.ADD_SPACE_PREFIX, bool(self.add_space_prefix), "BOOL"))
+        if self.remove_extra_whitespaces is not None:
+            rows.append((keys.REMOVE_EXTRA_WHITESPACES, bool(self.remove_extra_whitespaces), "BOOL"))
+        for kind, tid in self.special_ids.items():
+            if kind in keys.SPECIAL_ID_KEYS and tid >= 0:
+                rows.append((keys.SPECIAL_ID_KEYS[kind], int(tid), "UINT32"))
+        for kind in ("bos", "eos"):
+            flag = getattr(self, f"add_{kind}")
+            if flag is not None:
+                rows.append((keys.ADD_SPECIAL_KEYS[kind], bool(flag), "BOOL"))
+        if self.chat_template is not None:
+            rows.append((keys.CHAT_TEMPLATE, self.chat_template, "STRING"))
+        return rows
+
     def write_to(self, writer) -> None:
         """Add the metadata to a ``gguf.GGUFWriter`` (same keys, order and types as llama.cpp's converter)."""
-        writer.add_tokenizer_model(self.model)
-        writer.add_tokenizer_pre(self.pre)
-        writer.add_token_list(self.tokens)
-        writer.add_token_scores(self.scores)
-        writer.add_token_types(self.token_types)
-        if self.add_space_prefix is not None:
-            writer.add_add_space_prefix(self.add_space_prefix)
-        if self.remove_extra_whitespaces is not None:
-            writer.add_remove_extra_whitespaces(self.remove_extra_whitespaces)
-        for typ, tid in self.special_ids.items():
-            getattr(writer, f"add_{typ}_token_id")(tid)
-        if self.add_bos is not None:
-            writer.add_add_bos_token(self.add_bos)
-        if self.add_eos is not None:
-            writer.add_add_eos_token(self.add_eos)
-        if self.chat_template is not None:
-            writer.add_chat_template(self.chat_template)
+        from cllama_deploy.gguf.keys import write_rows
+
+        write_rows(writer, self.metadata_rows())
 
 
 def _looks_special(text: str) -> bool:
@@ -281,57 +281,41 @@ def gguf_vocab_from_hf_dir(model_dir: str | os.PathLike, vocab_size: Optional[in
 # --- GGUF -> SentencePiece -------------------------------------------------------------------
 
 
-def _field_value(field):
-    """Value of a scalar or array field of ``gguf.GGUFReader`` (works across gguf versions)."""
-    from gguf import GGUFValueType
-
-    kind = field.types[0]
-    if kind == GGUFValueType.ARRAY:
-        sub = field.types[-1]
-        if sub == GGUFValueType.STRING:
-            return [bytes(field.parts[i]).decode("utf-8", errors="surrogateescape") for i in field.data]
-        return [field.parts[i].tolist()[0] for i in field.data]
-    if kind == GGUFValueType.STRING:
-        return bytes(field.parts[field.data[0]]).decode("utf-8")
-    return field.parts[field.data[0]].tolist()[0]
-
-
 def read_gguf_vocab(path_or_reader) -> GGUFVocab:
-    """The ``tokenizer.*`` metadata of a GGUF file (or an open ``gguf.GGUFReader``)."""
-    if isinstance(path_or_reader, (str, os.PathLike)):
-        path = Path(path_or_reader)
-        if not path.is_file():
-            raise TokenizerError(f"{path}: no such GGUF file")
-        from gguf import GGUFReader
+    """The ``tokenizer.*`` metadata of a GGUF file (or an open ``gguf.GGUFReader``).
 
-        try:
-            reader = GGUFReader(str(path), "r")
-        except (ValueError, OSError) as exc:
-            raise TokenizerError(f"{path}: not a readable GGUF file ({exc})") from exc
-        origin = str(path)
+    Raises:
+        InputError: the file is missing or not a readable GGUF. TokenizerError: it has no vocabulary.
+    """
+    from cllama_deploy.gguf import keys
+    from cllama_deploy.gguf.reader import get_field, open_gguf
+
+    if isinstance(path_or_reader, (str, os.PathLike)):
+        reader, origin = open_gguf(path_or_reader, None), str(path_or_reader)
     else:
         reader, origin = path_or_reader, "the GGUF"
-    fields = reader.fields
 
     def get(key, default=None):
-        return _field_value(fields[key]) if key in fields else default
+        # surrogateescape: a token that is not valid UTF-8 keeps its bytes
+        return get_field(reader, key, default, errors="surrogateescape")
 
-    model = get(KEY_MODEL)
-    if model is None or KEY_TOKENS not in fields:
-        raise TokenizerError(f"{origin} has no tokenizer vocabulary ({KEY_MODEL} / {KEY_TOKENS} missing)")
-    tokens = get(KEY_TOKENS)
+    model = get(keys.TOKENIZER_MODEL)
+    if model is None or keys.TOKENS not in reader.fields:
+        raise TokenizerError(f"{origin} has no tokenizer vocabulary ({keys.TOKENIZER_MODEL} / {keys.TOKENS} "
+                             "missing)")
+    tokens = get(keys.TOKENS)
     n = len(tokens)
     vocab = GGUFVocab(
         tokens=tokens,
-        scores=[float(s) for s in get(KEY_SCORES, [0.0] * n)],
-        token_types=[int(t) for t in get(KEY_TYPES, [NORMAL] * n)],
-        model=model, pre=get(KEY_PRE, "default"),
-        add_bos=get(KEY_ADD["bos"]), add_eos=get(KEY_ADD["eos"]),
-        chat_template=get(KEY_CHAT_TEMPLATE),
-        add_space_prefix=get(KEY_ADD_PREFIX), remove_extra_whitespaces=get(KEY_REMOVE_WS),
+        scores=[float(s) for s in get(keys.SCORES, [0.0] * n)],
+        token_types=[int(t) for t in get(keys.TOKEN_TYPES, [NORMAL] * n)],
+        model=model, pre=get(keys.TOKENIZER_PRE, "default"),
+        add_bos=get(keys.ADD_SPECIAL_KEYS["bos"]), add_eos=get(keys.ADD_SPECIAL_KEYS["eos"]),
+        chat_template=get(keys.CHAT_TEMPLATE),
+        add_space_prefix=get(keys.ADD_SPACE_PREFIX), remove_extra_whitespaces=get(keys.REMOVE_EXTRA_WHITESPACES),
     )
-    for typ in SPECIAL_TYPES:
-        tid = get(KEY_IDS[typ])
+    for typ, key in keys.SPECIAL_ID_KEYS.items():
+        tid = get(key)
         if tid is None:
             continue
         if typ in ("bos", "eos", "unk", "pad"):
