@@ -66,6 +66,7 @@ def _register() -> None:
     deploy.register(app)
     serve.register(app)
     quickstart.register(app)
+    __import__("cllama_deploy.cli.eval", fromlist=["register"]).register(app)  # eval ppl|quant|choice, bench
 
 
 _register()
