@@ -66,6 +66,35 @@ def tame(model_dir: Path, scale: float = 0.15) -> Path:
     return Path(model_dir)
 
 
+def snap_weights(model_dir: Path, levels: str, step: float = 0.075) -> Path:
+    """Replace every attention/MLP projection with ``step`` times its sign (``levels="binary"``) or its
+    ternary rounding {-1, 0, 1} (``"ternary"``; |w| > 0.35 of make_tiny_llama's N(0, 0.5) is ±1): the
+    weights Q1_0 (one bit) and TQ1_0/TQ2_0 (ternary-trained models) represent exactly, so those
+    types can be checked on the models they are made for."""
+    from safetensors.numpy import load_file, save_file
+
+    path = Path(model_dir) / "model.safetensors"
+    tensors = load_file(path)
+    for name, value in tensors.items():
+        if value.ndim == 2 and "embed_tokens" not in name and "lm_head" not in name:
+            if levels == "binary":
+                q = np.sign(value)
+            else:
+                q = np.where(value > 0.35, 1.0, np.where(value < -0.35, -1.0, 0.0))
+            tensors[name] = (q * step).astype(value.dtype)
+    save_file(tensors, path, metadata={"format": "pt"})
+    return Path(model_dir)
+
+
+def teacher_forced_top1(gguf_path: Path, tokens: list[int]) -> np.ndarray:
+    """llama.cpp's most likely next token at every position of ``tokens`` (teacher forcing)."""
+    llm = load_llama(gguf_path, n_ctx=len(tokens))
+    try:
+        return llama_logits(llm, tokens).argmax(axis=-1)
+    finally:
+        llm.close()
+
+
 def hf_logits(model_dir: Path, tokens: list[int]) -> np.ndarray:
     """transformers' logits (float32) for one sequence."""
     import torch

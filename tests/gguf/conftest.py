@@ -3,6 +3,8 @@ multiple of 256) and their GGUFs written by our converter."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from tests import builders
@@ -70,3 +72,32 @@ def q256_f16(tmp_path_factory, q256_model):
     path = tmp_path_factory.mktemp("gguf_q256_f16") / "q256-f16.gguf"
     convert(ConvertConfig(model_dir=q256_model, out=path, outtype="f16", show_progress=False))
     return path
+
+
+def _q256_variant(tmp_path_factory, q256_model, name: str, transform):
+    import shutil
+
+    from cllama_deploy.gguf.convert import ConvertConfig, convert
+
+    root = tmp_path_factory.mktemp(f"gguf_q256_{name}")
+    model = transform(Path(shutil.copytree(q256_model, root / "model")))
+    path = root / f"q256-{name}-f16.gguf"
+    convert(ConvertConfig(model_dir=model, out=path, outtype="f16", show_progress=False))
+    return path
+
+
+@pytest.fixture(scope="session")
+def q256_tame_f16(tmp_path_factory, q256_model):
+    """q256_model with projections of std 0.025 (trained LLaMAs' range): a network whose top-1 is stable
+    enough that each quantization type's agreement with F16 says something about the type."""
+    return _q256_variant(tmp_path_factory, q256_model, "tame", lambda d: bg.tame(d, 0.05))
+
+
+@pytest.fixture(scope="session")
+def q256_ternary_f16(tmp_path_factory, q256_model):
+    return _q256_variant(tmp_path_factory, q256_model, "ternary", lambda d: bg.snap_weights(d, "ternary"))
+
+
+@pytest.fixture(scope="session")
+def q256_binary_f16(tmp_path_factory, q256_model):
+    return _q256_variant(tmp_path_factory, q256_model, "binary", lambda d: bg.snap_weights(d, "binary"))
