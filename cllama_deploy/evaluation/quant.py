@@ -211,6 +211,9 @@ def evaluate_quants(config: QuantEvalConfig) -> QuantReport:
         stack.callback(ref.close)
         cands = []
         for f in files:
+            if ref.kind == "gguf" and f.path.resolve() == Path(ref_path).resolve():
+                cands.append(ref)  # the reference file itself (F16 → F16): its logits are computed once
+                continue
             s = LlamaCppScorer(f.path, n_ctx=n_ctx, n_threads=config.n_threads, kv_type=config.kv_cache_type)
             stack.callback(s.close)
             cands.append(s)
@@ -238,7 +241,7 @@ def evaluate_quants(config: QuantEvalConfig) -> QuantReport:
             base = ref.window_logits(w, first)[:n_scored]
             targets = w[first + 1:]
             for s, st in zip(cands, stats):
-                st.add(base, s.window_logits(w, first)[:n_scored], targets)
+                st.add(base, base if s is ref else s.window_logits(w, first)[:n_scored], targets)
             if bar is not None:
                 bar.update(task, completed=i + 1)
         rows = []
