@@ -2,7 +2,7 @@
 
 A stage's config dataclass declares each option once, as a field made with :func:`option` (or with
 ``dataclasses.field(metadata={...})`` using the same keys); ``cllama_deploy.cli.from_config`` turns
-the fields into the command's options, and ``training/config.py`` builds its argparse parser from the
+the fields into the command's options, and ``cllama_deploy.training.config`` builds its argparse parser from the
 same ``help`` / ``choices`` keys. This module imports nothing heavy, so stage modules can use it freely.
 
 Metadata keys (all optional except ``help``):
@@ -38,9 +38,6 @@ from typing import Any, Sequence
 
 _MISSING = dataclasses.MISSING
 
-METADATA_KEYS = ("help", "flag", "argument", "metavar", "default_text", "invert", "choices", "cli", "hidden")
-
-
 def option(default: Any = _MISSING, help: str = "", *, flag: str | Sequence[str] | None = None,
            argument: bool = False, metavar: str | None = None, default_text: str | None = None,
            invert: bool = False, choices: Sequence[str] | None = None, cli: bool = True,
@@ -64,15 +61,6 @@ def option(default: Any = _MISSING, help: str = "", *, flag: str | Sequence[str]
     if default_factory is not _MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta, **field_kw)
     return dataclasses.field(default=default, metadata=meta, **field_kw)
-
-
-def flag_names(f: dataclasses.Field) -> tuple[str, ...]:
-    """The option names of a field (``("--out", "-o")``); both sides of a ``--a/--b`` boolean."""
-    decl = f.metadata.get("flag")
-    if decl is None:
-        return (f"--{f.name.replace('_', '-')}",)
-    decls = (decl,) if isinstance(decl, str) else tuple(decl)
-    return tuple(name for d in decls for name in d.split("/"))
 
 
 def field_default(f: dataclasses.Field) -> Any:

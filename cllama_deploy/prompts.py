@@ -120,19 +120,6 @@ TEMPLATES = {name: f.chat_template for name, f in FORMATS.items()}
 STOPS = {name: list(f.stop) for name, f in FORMATS.items()}
 
 
-def prompt_format(name: str, flag: str = "--chat-template") -> PromptFormat:
-    """The registered format ``name``.
-
-    Raises:
-        ConfigError: unknown name (the message names ``flag``).
-    """
-    if name in FORMATS:
-        return FORMATS[name]
-    from cllama_deploy.errors import ConfigError
-
-    raise ConfigError(f"{flag} {name!r}: choose one of {', '.join(FORMATS)}")
-
-
 def format_of_template(template: str | None) -> PromptFormat | None:
     """The registered format whose Jinja chat template is exactly ``template`` (None for custom ones)."""
     return next((f for f in FORMATS.values() if f.chat_template == template), None)

@@ -47,5 +47,5 @@ def test_custom_templates_get_no_ollama_template_and_no_stops():
     for name, fmt in prompts.FORMATS.items():
         assert prompts.format_of_template(fmt.chat_template) is fmt
         assert prompts.STOPS[name] == list(fmt.stop) and prompts.TEMPLATES[name] == fmt.chat_template
-    with pytest.raises(ConfigError, match="--chat-template 'chatml': choose one of alpaca, alpaca-2"):
-        prompts.prompt_format("chatml")
+    with pytest.raises(ConfigError, match="--chat-template 'chatml' is neither a built-in template"):
+        prompts.load_chat_template("chatml")

@@ -40,8 +40,6 @@ ARCH = keys.ARCH
 # --outtype → GGML type name of the quantizable tensors (general.file_type: keys.file_type(outtype))
 OUTTYPES: dict[str, str] = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}
 
-CHAT_TEMPLATE_CHOICES = "alpaca, alpaca-2, none, or a path to a .jinja file"
-
 
 @dataclass
 class ConvertConfig:
