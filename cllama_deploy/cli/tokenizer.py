@@ -47,7 +47,8 @@ def merge_cmd(config: TokenizerMergeConfig) -> None:
     _out().print(
         f"merged: {r.base_pieces} base + {r.added_pieces} added = {r.total_pieces} pieces "
         f"(added ids {r.first_added_id}..{r.total_pieces - 1}{pad}; {r.skipped_pieces} already in the base)\n"
-        f"  {r.model_path}  sha256 {r.sha256}\n  HF tokenizer dir: {r.out_dir} (AutoTokenizer encodes like SentencePiece)"
+        f"  {r.model_path}  sha256 {r.sha256}\n  HF tokenizer dir: {r.out_dir} "
+        f"({r.summary()['hf_tokenizer_class']}, --hf-target {r.hf_target})\n  {r.hf_note}"
     )
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cllama_deploy.errors import ConfigError, TokenizerError
+from cllama_deploy.tokenizer.hf import DEFAULT_HF_TARGET, HF_TARGET_HELP, HF_TARGETS, TARGETS
 from cllama_deploy.tokenizer.spm import (
     SPACE,
     model_type_name,
@@ -45,9 +46,12 @@ class TokenizerMergeConfig:
                                 "flag": ("--out", "-o")})
     pad_token: bool = field(default=False, metadata={"help": "append [PAD] and use it as pad token"})
     chat_template: str = field(default="alpaca", metadata={"help": "alpaca, alpaca-2 or a .jinja file"})
+    hf_target: str = field(default=DEFAULT_HF_TARGET, metadata={"help": HF_TARGET_HELP, "choices": HF_TARGETS})
 
     def __post_init__(self) -> None:
         self.base, self.add, self.out = Path(self.base), Path(self.add), Path(self.out)
+        if self.hf_target not in HF_TARGETS:
+            raise ConfigError(f"--hf-target {self.hf_target!r}: choose one of {', '.join(HF_TARGETS)}")
         if not self.base.exists():
             raise ConfigError(f"--base {self.base}: no such file or directory")
         if not self.add.exists():
@@ -68,7 +72,13 @@ class TokenizerMergeResult:
     first_added_id: int
     pad_id: int | None
     sha256: str
+    hf_target: str = DEFAULT_HF_TARGET
     seconds: float = 0.0
+
+    @property
+    def hf_note(self) -> str:
+        """How each transformers loads the HF tokenizer dir exactly (printed by the command)."""
+        return TARGETS[self.hf_target].note
 
     def summary(self) -> dict:
         return {
@@ -76,6 +86,7 @@ class TokenizerMergeResult:
             "base_pieces": self.base_pieces, "added_pieces": self.added_pieces,
             "already_in_base": self.skipped_pieces, "total_pieces": self.total_pieces,
             "first_added_id": self.first_added_id, "pad_id": self.pad_id, "sha256": self.sha256,
+            "hf_target": self.hf_target, "hf_tokenizer_class": TARGETS[self.hf_target].tokenizer_class,
         }
 
 
@@ -230,12 +241,14 @@ def merge_tokenizers(config: TokenizerMergeConfig) -> TokenizerMergeResult:
     with atomic_dir(config.out) as tmp:
         model_path = tmp / "tokenizer.model"
         model_path.write_bytes(data)
-        write_hf_tokenizer_dir(model_path, tmp, pad_token=PAD_PIECE if pad_id is not None else None,
+        write_hf_tokenizer_dir(model_path, tmp, target=config.hf_target,
+                               pad_token=PAD_PIECE if pad_id is not None else None,
                                chat_template=config.chat_template)
         result = TokenizerMergeResult(
             out_dir=config.out, model_path=config.out / "tokenizer.model", base_pieces=len(base.pieces),
             added_pieces=len(added), skipped_pieces=skipped, total_pieces=len(merged.pieces),
             first_added_id=len(base.pieces), pad_id=pad_id, sha256=sha256_file(model_path),
+            hf_target=config.hf_target,
         )
         report = result.summary() | {"base": str(config.base), "add": str(config.add)}
         (tmp / "merge_report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
