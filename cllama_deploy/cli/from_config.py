@@ -98,6 +98,8 @@ def _param(f: dataclasses.Field, tp: Any) -> tuple[inspect.Parameter, _Spec]:
     kw: dict[str, Any] = {"help": help_text, "hidden": bool(meta.get("hidden", False))}
     if meta.get("metavar"):
         kw["metavar"] = meta["metavar"]
+    elif meta.get("choices"):
+        kw["metavar"] = "|".join(map(str, meta["choices"]))  # the allowed values, in the type column
     if default_text is not None:
         kw["show_default"] = str(default_text)
     elif repeat and not required and not default:
