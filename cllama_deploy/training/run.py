@@ -281,30 +281,11 @@ def build_training_args(cfg):
 
 
 def _write_tokenizer(tok, out: Path) -> None:
-    """Tokenizer files next to the adapter: HF files copied when given, else built from tokenizer.model."""
-    src = tok.path
-    if src.is_dir() and (src / "tokenizer_config.json").is_file():
-        for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                     "added_tokens.json", "chat_template.jinja"):
-            if (src / name).is_file():
-                shutil.copy2(src / name, out / name)
-        return
-    model_file = tok.model_file
-    if model_file is None:
-        if tok.hf is not None:
-            tok.hf.save_pretrained(str(out))
-        return
-    try:
-        from cllama_deploy.tokenizer.hf import write_hf_tokenizer_dir
-    except ImportError:
-        shutil.copy2(model_file, out / "tokenizer.model")
-        return
-    pad = None
-    if tok.hf is not None and tok.hf.pad_token is not None:
-        pad = tok.hf.pad_token
-    write_hf_tokenizer_dir(model_file, out, pad_token=pad)
-    if not (out / "tokenizer.model").is_file():
-        shutil.copy2(model_file, out / "tokenizer.model")
+    """Tokenizer files next to the adapter: complete HF files from the training tokenizer (its pad token, added
+    tokens and chat template kept), whatever it carried (:func:`~cllama_deploy.tokenizer.hf.write_hf_tokenizer`)."""
+    from cllama_deploy.tokenizer.hf import write_hf_tokenizer
+
+    write_hf_tokenizer(out, tok.path if tok.path.is_dir() else tok.model_file)
 
 
 def _save_adapter(trainer, cfg, tok) -> Path:
