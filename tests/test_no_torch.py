@@ -129,8 +129,11 @@ def test_serve_without_torch(inputs, tmp_path):
         url = f"http://127.0.0.1:{found.group(1)}"
         while time.monotonic() < deadline and not _ready(url):  # listening comes before the model loads
             time.sleep(0.1)
-        r = httpx.post(url + "/v1/chat/completions", timeout=120,
-                       json={"model": "tiny", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]})
+        body = {"model": "tiny", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]}
+        r = httpx.post(url + "/v1/chat/completions", json=body, timeout=120)
+        while r.status_code == 503 and time.monotonic() < deadline:  # still loading (Retry-After)
+            time.sleep(0.2)
+            r = httpx.post(url + "/v1/chat/completions", json=body, timeout=120)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1, r.text
         r = httpx.post(url + "/v1/embeddings", json={"model": "tiny", "input": "hi"}, timeout=120)
         assert r.status_code == 200 and len(r.json()["data"][0]["embedding"]) == 64, r.text
