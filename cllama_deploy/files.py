@@ -56,12 +56,15 @@ def atomic_path(path: str | os.PathLike, durable: bool = True) -> Iterator[Path]
 
 
 def check_replaceable_dir(path: str | os.PathLike, flag: str, owned: Callable[[str], bool], *, what: str,
-                          marker: str | None = None, force: bool = False, force_flag: str | None = None) -> None:
-    """Refuse an output directory that :func:`atomic_dir` would replace although it holds something else.
+                          marker: str | None = None, force: bool = False, force_flag: str | None = None,
+                          note: str = "it is replaced as a whole") -> None:
+    """Refuse an output directory that a stage would replace (:func:`atomic_dir`) or write into although it
+    holds something else.
 
     ``path`` may be missing, empty, or one of the stage's own earlier outputs: every entry is a name the
     stage writes (``owned(name)``) and, with ``marker``, the stage's marker file is there (so another
-    program's output with the same file names is not taken for ours). ``force`` skips the check.
+    program's output with the same file names is not taken for ours). ``force`` skips the check; ``note``
+    ends the message (what the stage does to the directory).
 
     Raises:
         ConfigError: naming ``flag``, a few of the foreign entries and the way out.
@@ -83,7 +86,7 @@ def check_replaceable_dir(path: str | os.PathLike, flag: str, owned: Callable[[s
             if foreign else f"holds files that {what} did not write (no {marker})")
     way = f"choose a new or empty directory, or pass {force_flag} to replace it" if force_flag else \
         "choose a new or empty directory"
-    raise ConfigError(f"{flag} {out} {held}; {way} (it is replaced as a whole)")
+    raise ConfigError(f"{flag} {out} {held}; {way} ({note})")
 
 
 @contextlib.contextmanager

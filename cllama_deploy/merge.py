@@ -41,6 +41,7 @@ from cllama_deploy.checkpoint.validate import (
 )
 from cllama_deploy.errors import ConfigError
 from cllama_deploy.files import atomic_dir, check_replaceable_dir
+from cllama_deploy.tokenizer.hf import DEFAULT_HF_TARGET, HF_TARGET_HELP, HF_TARGETS
 
 
 @dataclass(frozen=True)
@@ -265,10 +266,13 @@ class MergeConfig:
                 "on another model than the one it is applied to (e.g. the adapters are in the wrong order)."})
     force: bool = field(default=False, metadata={
         "help": "Replace --out even if it holds files that merge did not write."})
+    hf_target: str = field(default=DEFAULT_HF_TARGET, metadata={"help": HF_TARGET_HELP, "choices": HF_TARGETS})
     show_progress: bool = field(default=True, metadata={"help": "No progress bar.", "flag": ("--quiet", "-q"),
                                                         "invert": True})
 
     def __post_init__(self) -> None:
+        if self.hf_target not in HF_TARGETS:
+            raise ConfigError(f"--hf-target {self.hf_target!r}: choose one of {', '.join(HF_TARGETS)}")
         self.base = Path(self.base)
         self.loras = [Path(p) for p in self.loras]
         self.out = Path(self.out)
@@ -320,11 +324,14 @@ def _plan_shards(names: list[str], shapes: dict[str, tuple[int, ...]], limit: in
 
 
 def write_hf(source: MergedSource | HFCheckpoint, out_dir: Path, *, dtype: str, shard_bytes: int,
-             show_progress: bool = True, base_dir: Path | None = None) -> list[Path]:
+             show_progress: bool = True, base_dir: Path | None = None,
+             hf_target: str = DEFAULT_HF_TARGET) -> list[Path]:
     """Write ``source`` into ``out_dir`` (an existing empty directory) as an HF model, tensor by tensor.
 
-    Returns the weight files written. ``config.json`` gets ``vocab_size`` and the dtype; the
-    generation config of ``base_dir`` and the tokenizer files of ``source.tokenizer_dir`` are copied.
+    Returns the weight files written. ``config.json`` gets ``vocab_size`` and the dtype (and the keys
+    transformers 4.x reads, :func:`~cllama_deploy.hf_compat.portable_config`); the generation config of
+    ``base_dir`` is copied (a minimal one written when it has none); the tokenizer files are written
+    complete for ``hf_target`` from ``source.tokenizer_dir`` (:func:`copy_tokenizer_files`).
     """
     from cllama_deploy.progress import progress
 
@@ -356,20 +363,58 @@ def write_hf(source: MergedSource | HFCheckpoint, out_dir: Path, *, dtype: str, 
                  "weight_map": {n: f.name for f, shard in zip(files, plan) for n in shard}}
         (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
-    config = copy.deepcopy(source.config)
-    present = [k for k in ("torch_dtype", "dtype") if k in config]
-    for key in present or ["torch_dtype"]:
-        config[key] = dtype
+    from cllama_deploy.hf_compat import generation_config, portable_config
+
+    config = portable_config(source.config, dtype)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     base_dir = base_dir or getattr(getattr(source, "base", source), "path", None)
+    tok = copy_tokenizer_files(source.tokenizer_dir or base_dir, out_dir, target=hf_target)
     if base_dir is not None and (Path(base_dir) / "generation_config.json").is_file():
         shutil.copy(Path(base_dir) / "generation_config.json", out_dir / "generation_config.json")
-    tok_dir = source.tokenizer_dir or base_dir
-    if tok_dir is not None:
-        for name in TOKENIZER_FILES:
-            if (Path(tok_dir) / name).is_file():
-                shutil.copy(Path(tok_dir) / name, out_dir / name)
+    else:
+        gen = generation_config(config, tok.pad_token_id if tok else None)
+        (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     return files
+
+
+def copy_tokenizer_files(tokenizer_dir: Path | None, out_dir: Path, *, target: str = DEFAULT_HF_TARGET):
+    """The tokenizer of every HF directory we write (merge's output, deploy --keep-hf), from ONE
+    directory, never mixed between directories (they must agree).
+
+    With a ``tokenizer.model`` the files are written complete for ``target`` whatever the directory
+    carried (:func:`~cllama_deploy.tokenizer.hf.write_hf_tokenizer`; returns its info); without one
+    (a tokenizer.json-only base) they are copied as they are (returns None)."""
+    if tokenizer_dir is None:
+        return None
+    if (Path(tokenizer_dir) / "tokenizer.model").is_file():
+        from cllama_deploy.tokenizer.hf import write_hf_tokenizer
+
+        return write_hf_tokenizer(out_dir, tokenizer_dir, target=target)
+    for name in TOKENIZER_FILES:
+        if (Path(tokenizer_dir) / name).is_file():
+            shutil.copy(Path(tokenizer_dir) / name, out_dir / name)
+    return None
+
+
+def resolve_dtype(source: MergedSource, dtype: str = "auto") -> str:
+    """The output dtype: ``auto`` is the base's storage dtype (float32 for anything else)."""
+    if dtype != "auto":
+        return dtype
+    return _STORAGE_TO_DTYPE.get(source.base.storage_dtype(), "float32")
+
+
+def write_merged_dir(source: MergedSource, out: Path, *, dtype: str, shard_bytes: int,
+                     show_progress: bool = True, hf_target: str = DEFAULT_HF_TARGET) -> list[Path]:
+    """Write ``source`` as an HF model directory at ``out``, atomically (``out.partial``, then renamed),
+    with the merge marker; returns the weight files at their final paths."""
+    with atomic_dir(out) as tmp:
+        files = write_hf(source, tmp, dtype=dtype, shard_bytes=shard_bytes, show_progress=show_progress,
+                         hf_target=hf_target)
+        marker = {"tool": "cllama-deploy merge", "base": str(Path(source.base.path).resolve()),
+                  "loras": [str(Path(a.path).resolve()) for a in source.adapters], "dtype": dtype,
+                  "vocab_size": source.config["vocab_size"]}
+        (tmp / MERGE_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+    return [out / f.name for f in files]
 
 
 class _no_progress:
@@ -394,20 +439,13 @@ def merge(config: MergeConfig) -> MergeResult:
     t0 = time.perf_counter()
     source = merged_source(config.base, config.loras, check_tokenizer=config.check_tokenizer,
                            check_order=config.check_adapter_order)
-    dtype = config.dtype
-    if dtype == "auto":
-        dtype = _STORAGE_TO_DTYPE.get(source.base.storage_dtype(), "float32")
-    with atomic_dir(config.out) as tmp:
-        files = write_hf(source, tmp, dtype=dtype, shard_bytes=config.shard_bytes,
-                         show_progress=config.show_progress)
-        marker = {"tool": "cllama-deploy merge", "base": str(config.base.resolve()),
-                  "loras": [str(p.resolve()) for p in config.loras], "dtype": dtype,
-                  "vocab_size": source.config["vocab_size"]}
-        (tmp / MERGE_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+    dtype = resolve_dtype(source, config.dtype)
+    files = write_merged_dir(source, config.out, dtype=dtype, shard_bytes=config.shard_bytes,
+                             show_progress=config.show_progress, hf_target=config.hf_target)
     names = source.names()
     return MergeResult(
         out=config.out,
-        shards=[config.out / f.name for f in files],
+        shards=files,
         tensors=len(names),
         changed=sum(1 for n in names if source.changed(n)),
         vocab_size=source.config["vocab_size"],

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import os
 import re
 import sys
 import time
@@ -202,6 +201,8 @@ class QuantizeResult:
     tensors: list[TensorReport]
     seconds: float
     log: str = field(default="", repr=False)
+    # where the time went: llama_model_quantize itself, the fsync + rename, reading the report back
+    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def fallbacks(self) -> list[TensorReport]:
@@ -341,16 +342,22 @@ def quantize(config: QuantizeConfig, *, show_progress: bool = True) -> QuantizeR
 
         tmp = stack.enter_context(atomic_path(config.output))
         log = stack.enter_context(_LlamaLog(config.verbose, on_tensor))
+        t_call = time.perf_counter()
         rc = llama_cpp.llama_model_quantize(str(config.input).encode(), str(tmp).encode(), ctypes.byref(params))
+        t_called = time.perf_counter()
         if rc != 0:
             raise _error_from_log(log.text, config)
         if not tmp.exists() or tmp.stat().st_size == 0:
             raise _error_from_log(log.text, config)
+    t_written = time.perf_counter()
     base = QUANT_TYPES[qtype][1]
     tensors, n_el, n_bytes = tensor_report(config.output, base)
+    t_end = time.perf_counter()
     return QuantizeResult(
         path=config.output, type=qtype, base_type=base, size_bytes=config.output.stat().st_size,
         input_size_bytes=config.input.stat().st_size, n_params=n_el,
         bits_per_weight=(8.0 * n_bytes / n_el) if n_el else 0.0, tensors=tensors,
-        seconds=time.perf_counter() - t0, log=log.text,
+        seconds=t_end - t0, log=log.text,
+        timings={"before": round(t_call - t0, 3), "llama_model_quantize": round(t_called - t_call, 3),
+                 "fsync_rename": round(t_written - t_called, 3), "report": round(t_end - t_written, 3)},
     )

@@ -9,7 +9,8 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 def make_lora(base_dir: Path, out_dir: Path, *, base_model=None, new_vocab: int | None = None,
-              tokenizer_model: Path | None = None, r: int = 4, alpha: int = 8, seed: int = 0):
+              tokenizer_model: Path | None = None, r: int = 4, alpha: int = 8, seed: int = 0,
+              lora_std: float = 0.07):
     """Save a PEFT LoRA (all 7 projections, non-zero lora_B) for ``base_dir`` or ``base_model``.
 
     With ``new_vocab`` the embeddings are resized first and saved whole through modules_to_save
@@ -36,7 +37,7 @@ def make_lora(base_dir: Path, out_dir: Path, *, base_model=None, new_vocab: int 
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name or "lora_A" in name:
-                p.normal_(0.0, 0.1)
+                p.normal_(0.0, lora_std)
     peft_model.save_pretrained(out_dir)
     if tokenizer_model is not None:
         shutil.copy(tokenizer_model, Path(out_dir) / "tokenizer.model")

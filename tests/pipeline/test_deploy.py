@@ -17,6 +17,10 @@ from tests.gguf import builders_gguf as bg
 
 QUANTS = ["F32", "F16", "Q8_0", "Q4_K_M"]
 ROOT = Path(__file__).resolve().parents[2]
+# Least share of positions where Q4_K_M's teacher-forced top-1 equals F16's, on the Alpaca prompt and 32
+# generated tokens (168 positions). Measured 0.90 at 1 thread; the PT adapter alone (the SFT adapter
+# missing from the merge) gives 0.55 against the full F16, and a broken or foreign file a few percent.
+Q4_K_M_AGREEMENT = 0.7
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +43,13 @@ def _prompt_tokens(tok):
     return [1] + sp.encode(build_prompt("用一句话介绍北京。Introduce Beijing."))
 
 
+def _copy_out(out: Path, dst: Path) -> Path:
+    """A private copy of a deploy folder (mtimes kept, so its manifest still matches its files)."""
+    import shutil
+
+    return Path(shutil.copytree(out, dst))
+
+
 def test_deploy_f32_equals_peft_merge_and_f16_greedy(deployed, deploy_inputs):
     out, result = deployed
     _, _, reference, tok = deploy_inputs
@@ -50,8 +61,27 @@ def test_deploy_f32_equals_peft_merge_and_f16_greedy(deployed, deploy_inputs):
     assert bg.llama_greedy(bg.load_llama(out / "tiny-alpaca-F16.gguf", n_ctx=256), tokens, 32) == ref_greedy
     q8 = bg.llama_logits(bg.load_llama(out / "tiny-alpaca-Q8_0.gguf", n_ctx=256), tokens)
     assert np.mean(np.argmax(q8, -1) == np.argmax(ref, -1)) >= 0.9
-    q4 = bg.load_llama(out / "tiny-alpaca-Q4_K_M.gguf", n_ctx=256)
-    assert len(bg.llama_greedy(q4, tokens, 8)) == 8
+
+
+def test_q4_k_m_is_the_merged_model_in_q4_k(deployed, deploy_inputs, tmp_path):
+    """Q4_K_M loads in llama.cpp and its teacher-forced top-1 agrees with F16's within the bound; the
+    tensors really are Q4_K (the model's rows are 256 long, so nothing falls back)."""
+    from cllama_deploy.pipeline import DeployConfig, deploy
+
+    out, result = deployed
+    base, loras, reference, tok = deploy_inputs
+    prompt = _prompt_tokens(tok)
+    tokens = prompt + bg.torch_greedy(reference, prompt, 32)
+    f16 = bg.teacher_forced_top1(out / "tiny-alpaca-F16.gguf", tokens)
+    agree = float(np.mean(bg.teacher_forced_top1(out / "tiny-alpaca-Q4_K_M.gguf", tokens) == f16))
+    assert agree >= Q4_K_M_AGREEMENT, agree
+    report = next(s for s in result.steps if s.name == "quantize Q4_K_M").report
+    assert report["tensor_types"].get("Q4_K", 0) >= 10 and not report["fallbacks"], report
+    assert 4.5 < report["bits_per_weight"] < 6.0
+    # the bound tells models apart: without the SFT adapter the F16 model agrees much less
+    pt_only = deploy(DeployConfig(base=base, loras=loras[:1], quants=["F16"], out=tmp_path / "pt", name="pt",
+                                  threads=1, show_progress=False))
+    assert float(np.mean(bg.teacher_forced_top1(pt_only.outputs[0].path, tokens) == f16)) < Q4_K_M_AGREEMENT
 
 
 def test_manifest_and_modelfiles(deployed, deploy_inputs):
@@ -83,10 +113,13 @@ def test_manifest_and_modelfiles(deployed, deploy_inputs):
     assert not (out / "tiny-alpaca-hf").exists()  # no merged HF model unless --keep-hf
 
 
-def test_rerun_skips_finished_steps(deployed, deploy_inputs):
+def test_rerun_skips_finished_steps(deployed, deploy_inputs, tmp_path):
+    """Re-runs work on a private copy of the shared deploy folder (adding a type would change what the
+    other tests of this module read)."""
     from cllama_deploy.pipeline import DeployConfig, deploy
 
-    out, first = deployed
+    shared, first = deployed
+    out = _copy_out(shared, tmp_path / "out")
     base, loras, _, _ = deploy_inputs
     mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("*.gguf")}
     again = deploy(DeployConfig(base=base, loras=loras, quants=QUANTS, out=out, name="tiny-alpaca", threads=1,
@@ -108,13 +141,14 @@ def test_keep_hf_and_f16_intermediate(tmp_path, deploy_inputs):
     base, loras, reference, tok = deploy_inputs
     res = deploy(DeployConfig(base=base, loras=loras, quants=["q5_k_m"], out=tmp_path, keep_hf=True,
                               threads=1, show_progress=False))
-    assert [o.path.name for o in res.outputs] == ["sft_lora-Q5_K_M.gguf"]
+    assert [o.path.name for o in res.outputs] == ["base-lora-Q5_K_M.gguf"]  # no training record: "-lora"
     m = json.loads((tmp_path / "manifest.json").read_text())
     assert m["options"]["intermediate"] == "F16"
     assert not (tmp_path / ".work").exists()
-    hf = tmp_path / "sft_lora-hf"
+    hf = tmp_path / "base-lora-hf"
     assert (hf / "config.json").is_file() and (hf / "tokenizer.model").is_file()
     assert json.loads((hf / "config.json").read_text())["vocab_size"] == bg.sp_size(tok)
+    assert (hf / "cllama_merge.json").is_file()  # the same writer as `merge`
 
 
 def _run_killed(tmp_path, out, args, patch: str, wait_for) -> None:
@@ -218,3 +252,88 @@ def test_deploy_errors(tmp_path, deploy_inputs, capsys):
     msg = err(["deploy", "--base", str(bad), "--quant", "Q4_K_M", "--out", str(tmp_path / "o2")])
     assert "tokenizer" in msg and "rows" in msg
     assert not list((tmp_path / "o2").glob("*.gguf*"))
+
+
+def test_out_of_someone_else_is_refused(tmp_path, deploy_inputs, capsys):
+    """deploy writes into --out and replaces NAME-hf/: a folder without our manifest is refused (issue 14
+    item 2); --force writes into it and keeps the other files."""
+    from cllama_deploy.cli import main
+
+    base, loras, _, _ = deploy_inputs
+    out = tmp_path / "models"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    args = ["deploy", "--base", str(base), "--lora", str(loras[0]), "--quant", "F16", "--out", str(out), "-q"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out} holds files that deploy did not write (no manifest.json)" in err and "--force" in err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    assert main(args + ["--force"]) == 0
+    assert (out / "notes.txt").read_text() == "mine" and (out / "manifest.json").is_file()
+    assert main(args) == 0  # our folder from now on
+
+
+def test_default_name_is_the_base_and_the_stage(tmp_path, deploy_inputs, capsys):
+    """Issue 14 item 10: not the last adapter's folder name (`sft_lora_model` for every `train sft`) but
+    the base's name and the last adapter's training stage; deploy says which name it chose."""
+    import shutil
+
+    from cllama_deploy.pipeline import DeployConfig, default_name, deploy
+
+    base, loras, _, _ = deploy_inputs
+    run = tmp_path / "sft"
+    sft = shutil.copytree(loras[1], run / "sft_lora_model")
+    (run / "sft_training_config.json").write_text(json.dumps({"model_name_or_path": str(base),
+                                                               "lora": [str(loras[0])], "output_dir": str(run)}))
+    llama = shutil.copytree(base, tmp_path / "llama-7b-hf")
+    assert default_name(llama, []) == "llama-7b"
+    assert default_name(llama, [loras[0]]) == "llama-7b-lora"
+    assert default_name(llama, [loras[0], sft]) == "llama-7b-sft"
+    res = deploy(DeployConfig(base=llama, loras=[loras[0], sft], quants=["F16"], out=tmp_path / "o", threads=1))
+    assert res.name == "llama-7b-sft" and [o.path.name for o in res.outputs] == ["llama-7b-sft-F16.gguf"]
+    assert "name: llama-7b-sft" in capsys.readouterr().err
+
+
+def test_a_step_is_one_function(deployed, deploy_inputs, tmp_path):
+    """The step API: a new step is one function around Deployment.run (here: a file listing the outputs'
+    sizes); it runs once and is skipped on a re-run with the same key and unchanged files."""
+    from cllama_deploy.pipeline import DeployConfig, Deployment, FileRecord, convert_step, quantize_step
+
+    base, loras, _, _ = deploy_inputs
+    out = _copy_out(deployed[0], tmp_path / "out")
+    calls = []
+
+    def sizes_step(d: Deployment):
+        def work(step):
+            calls.append(1)
+            path = d.out / "sizes.txt"
+            path.write_text("".join(f"{p.name} {p.stat().st_size}\n" for p in sorted(d.final_path.values())))
+            step.files = [FileRecord.of(path, d.out)]
+
+        return d.run("sizes", lambda: d.key("sizes", sorted(d.final_path)), work)
+
+    for _ in range(2):
+        d = Deployment(DeployConfig(base=base, loras=loras, quants=QUANTS, out=out, name="tiny-alpaca", threads=1,
+                                    show_progress=False))
+        convert_step(d)
+        for q in d.llama_types:
+            quantize_step(d, q)
+        step = sizes_step(d)
+        d.finish([])
+    assert calls == [1] and step.status == "skipped"
+    m = json.loads((out / "manifest.json").read_text())
+    assert [(s["name"], s["status"]) for s in m["steps"]] == [("convert", "skipped"), ("quantize Q4_K_M", "skipped"),
+                                                              ("sizes", "skipped")]
+
+
+def test_manifest_round_trip_and_unreadable(tmp_path, deployed):
+    from cllama_deploy.pipeline import Manifest
+
+    out, _ = deployed
+    m = Manifest.load(out / "manifest.json")
+    assert m.complete and m.finished("quantize Q4_K_M").report["bits_per_weight"] > 4
+    assert all(f.sha256 for s in m.steps for f in s.files if not f.intermediate)
+    m.save(tmp_path / "again.json")
+    assert json.loads((tmp_path / "again.json").read_text()) == json.loads((out / "manifest.json").read_text())
+    (tmp_path / "bad.json").write_text("{not json")
+    assert Manifest.load(tmp_path / "bad.json") is None and Manifest.load(tmp_path / "missing.json") is None
