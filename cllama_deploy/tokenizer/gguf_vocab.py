@@ -411,9 +411,9 @@ class FromGGUFConfig:
     out: Path = option(Path("tokenizer.model"), "Output SentencePiece .model file.", flag=("--out", "-o"))
 
     def __post_init__(self) -> None:
-        self.gguf_file, self.out = Path(self.gguf_file), Path(self.out)
-        if not self.gguf_file.is_file():
-            raise ConfigError(f"GGUF_FILE {self.gguf_file}: no such file")
+        from cllama_deploy.gguf.reader import check_gguf_file
+
+        self.gguf_file, self.out = check_gguf_file(self.gguf_file, "GGUF_FILE"), Path(self.out)
         if self.out.is_dir():
             raise ConfigError(f"--out {self.out} is a directory; give the path of the .model file to write")
 
