@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 from typing import Callable, Iterable, Optional
 
@@ -10,6 +11,14 @@ from cllama_deploy.engine.base import Engine
 from cllama_deploy.errors import CllamaError
 
 log = logging.getLogger("cllama_deploy.engine")
+
+
+class RegistryState(str, enum.Enum):
+    """Where the registry's models stand (the value is what ``/health`` reports as ``status``)."""
+
+    LOADING = "loading"  # loaders are running: requests get 503 with Retry-After
+    READY = "ready"      # every model loaded
+    FAILED = "failed"    # a loader raised: requests get 500 model_load_failed, no retry helps
 
 
 class ModelNotFound(CllamaError):
@@ -20,21 +29,26 @@ class ModelNotFound(CllamaError):
 
 
 class ModelNotReady(CllamaError):
-    """The server is still loading its models (or failed to)."""
+    """The server is still loading its models; retrying shortly helps."""
+
+
+class ModelLoadFailed(CllamaError):
+    """Loading the models failed; retrying does not help until the operator fixes the file."""
 
 
 class ModelRegistry:
-    """Maps model ids to engines. Starts ``loading`` until :meth:`load` finishes (or is ready at once
-    when built with engines). ``get(None)`` returns the first model."""
+    """Maps model ids to engines. Starts :attr:`RegistryState.LOADING` until :meth:`load` finishes
+    (or is ready at once when built with engines). ``get(None)`` returns the first model."""
 
     def __init__(self, engines: Optional[Iterable[Engine]] = None):
         self._engines: dict[str, Engine] = {}
-        self.state = "loading"
+        self.state = RegistryState.LOADING
         self.error: Optional[str] = None
+        self.exception: Optional[BaseException] = None
         if engines is not None:
             for e in engines:
                 self.add(e)
-            self.state = "ready"
+            self.state = RegistryState.READY
 
     def add(self, engine: Engine) -> None:
         if engine.info.id in self._engines:
@@ -43,7 +57,7 @@ class ModelRegistry:
 
     @property
     def ready(self) -> bool:
-        return self.state == "ready"
+        return self.state is RegistryState.READY
 
     def engines(self) -> list[Engine]:
         return list(self._engines.values())
@@ -53,8 +67,8 @@ class ModelRegistry:
 
     def get(self, model: Optional[str]) -> Engine:
         if not self.ready:
-            if self.state == "failed":
-                raise ModelNotReady(f"the server failed to load its models: {self.error}")
+            if self.state is RegistryState.FAILED:
+                raise ModelLoadFailed(f"the server failed to load its models: {self.error}")
             raise ModelNotReady("the server is still loading its models; retry shortly")
         if model is None or model == "":
             return next(iter(self._engines.values()))
@@ -64,15 +78,22 @@ class ModelRegistry:
         return engine
 
     async def load(self, loaders: Iterable[Callable[[], Engine]]) -> None:
-        """Run each (blocking) loader in a worker thread; the server answers 503 meanwhile."""
+        """Run each (blocking) loader in a worker thread; the server answers 503 meanwhile.
+
+        A loader that raises leaves the registry :attr:`RegistryState.FAILED` with the error's
+        message (logged as one line; the traceback only at debug level, since a file that does not
+        load is the operator's mistake, not a bug).
+        """
         try:
             for loader in loaders:
                 self.add(await asyncio.to_thread(loader))
-            self.state = "ready"
+            self.state = RegistryState.READY
         except Exception as exc:  # reported by /health and every request
-            log.exception("loading models failed")
+            log.error("loading models failed: %s", exc)
+            log.debug("loading models failed", exc_info=exc)
             self.error = str(exc)
-            self.state = "failed"
+            self.exception = exc
+            self.state = RegistryState.FAILED
 
     async def aclose(self) -> None:
         for engine in self._engines.values():

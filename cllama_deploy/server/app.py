@@ -15,7 +15,7 @@ from fastapi.staticfiles import StaticFiles
 
 from cllama_deploy import __version__
 from cllama_deploy.engine.base import Engine
-from cllama_deploy.engine.registry import ModelRegistry
+from cllama_deploy.engine.registry import ModelRegistry, RegistryState
 from cllama_deploy.server.errors import install_error_handlers
 from cllama_deploy.server.metrics import Metrics
 from cllama_deploy.server.middleware import OperabilityMiddleware
@@ -25,7 +25,8 @@ log = logging.getLogger("cllama_deploy.server")
 
 
 def create_app(settings: Settings, engine: Union[Engine, ModelRegistry, Iterable[Engine], None] = None,
-               *, loaders: Optional[list[Callable[[], Engine]]] = None) -> FastAPI:
+               *, loaders: Optional[list[Callable[[], Engine]]] = None,
+               on_load_failure: Optional[Callable[[BaseException], None]] = None) -> FastAPI:
     """Build the app.
 
     Args:
@@ -33,6 +34,8 @@ def create_app(settings: Settings, engine: Union[Engine, ModelRegistry, Iterable
         engine: a loaded engine, several engines, or a :class:`ModelRegistry`. None with ``loaders``
             starts empty: the app answers 503 until the loaders (run in a thread at startup) finish.
         loaders: blocking callables returning engines, run when the app starts.
+        on_load_failure: called (in the event loop) with the exception when a loader fails; without
+            it the app stays up and answers 500 ``model_load_failed`` (``/health``: ``failed``).
     """
     if isinstance(engine, ModelRegistry):
         registry = engine
@@ -48,6 +51,12 @@ def create_app(settings: Settings, engine: Union[Engine, ModelRegistry, Iterable
         import asyncio
 
         task = asyncio.create_task(registry.load(loaders)) if loaders else None
+        if task is not None and on_load_failure is not None:
+            def _check(t: asyncio.Task) -> None:
+                if not t.cancelled() and registry.state is RegistryState.FAILED:
+                    on_load_failure(registry.exception)
+
+            task.add_done_callback(_check)
         try:
             yield
         finally:
@@ -66,7 +75,9 @@ def create_app(settings: Settings, engine: Union[Engine, ModelRegistry, Iterable
         docs_url=None,  # served below from local Swagger UI assets: laptops may be offline
     )
     _mount_offline_docs(app)
+    app.openapi = lambda: _openapi(app)
     app.state.settings = settings
+    app.state.request_configs = {}  # model id -> RequestConfig (handlers.request_config)
     app.state.registry = registry
     app.state.metrics = Metrics(registry.engines)
 
@@ -102,3 +113,23 @@ def _mount_offline_docs(app: FastAPI) -> None:
                                    swagger_js_url="/docs-assets/swagger-ui-bundle.js",
                                    swagger_css_url="/docs-assets/swagger-ui.css",
                                    swagger_favicon_url="/docs-assets/favicon-32x32.png")
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's schema plus the stream chunk models the SSE responses reference (FastAPI only
+    registers the models of JSON responses)."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+        from pydantic.json_schema import models_json_schema
+
+        from cllama_deploy.server.protocol import STREAM_CHUNKS
+
+        schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                             routes=app.routes)
+        _, defs = models_json_schema([(m, "serialization") for m in STREAM_CHUNKS],
+                                     ref_template="#/components/schemas/{model}")
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for name, definition in defs.get("$defs", {}).items():
+            components.setdefault(name, definition)
+        app.openapi_schema = schema
+    return app.openapi_schema

@@ -1,17 +1,17 @@
 """The one place that builds OpenAI error objects: ``{"error": {message, type, param, code}}``.
 
 Every failure a client can trigger maps to a status and an error object here: validation problems are
-400 (never FastAPI's 422 body), unknown routes 404, unknown models 404, a prompt longer than the context
-400 ``context_length_exceeded``, API key problems 401, a full queue 429, loading or shutting down 503,
-the per-request timeout 504. Anything unexpected is a 500 with a generic message (and a logged
-traceback), never a dropped connection.
+400 (never FastAPI's 422 body) and every 400 has a ``code``, unknown routes 404, unknown models 404, a
+prompt longer than the context 400 ``context_length_exceeded``, API key problems 401, a full queue 429,
+loading or shutting down 503, models that failed to load 500 ``model_load_failed`` (no Retry-After:
+retrying does not help), the per-request timeout 504. Anything unexpected is a 500 with a generic
+message (and a logged traceback), never a dropped connection.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import re
 from typing import Any, Optional
 
 from fastapi import FastAPI, Request
@@ -27,7 +27,8 @@ from cllama_deploy.engine.base import (
     QueueFull,
     RequestTimeout,
 )
-from cllama_deploy.engine.registry import ModelNotFound, ModelNotReady
+from cllama_deploy.engine.registry import ModelLoadFailed, ModelNotFound, ModelNotReady
+from cllama_deploy.engine.requests import describe_validation_errors
 
 log = logging.getLogger("cllama_deploy.server")
 
@@ -60,11 +61,15 @@ def to_api_error(exc: BaseException, param: Optional[str] = None) -> APIError:
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, ContextLengthExceeded):
-        return APIError(400, str(exc), param=param or "messages", code="context_length_exceeded")
+        return APIError(400, str(exc), param=getattr(exc, "param", None) or param or "messages",
+                        code="context_length_exceeded")
     if isinstance(exc, InvalidRequest):
-        return APIError(400, str(exc), param=exc.param or param, code="invalid_value")
+        return APIError(400, str(exc), param=exc.param or param,
+                        code=getattr(exc, "code", None) or "invalid_value")
     if isinstance(exc, ModelNotFound):
         return APIError(404, str(exc), param="model", code="model_not_found")
+    if isinstance(exc, ModelLoadFailed):
+        return APIError(500, str(exc), type="server_error", code="model_load_failed")
     if isinstance(exc, ModelNotReady):
         return APIError(503, str(exc), type="service_unavailable", code="model_loading",
                         headers={"Retry-After": "5"})
@@ -86,35 +91,10 @@ def error_response(err: APIError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
 
-_TYPE_TAG = re.compile(
-    r"^((list|dict|tuple|set|function-\w+|literal|json-or-python|union|nullable|is-instance)\[.*\]"
-    r"|bool|int|float|str|none|bytes|[A-Z]\w*)$")
-
-
-def _validation_message(exc: RequestValidationError) -> tuple[str, Optional[str], str]:
-    errors = exc.errors()
-    if not errors:
-        return "Invalid request body.", None, "invalid_request"
-    first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    # pydantic adds union members and type tags to the location; keep the field path readable
-    loc = [p for p in loc if not _TYPE_TAG.match(p)]
-    param = ".".join(loc) or None
-    if first.get("type") == "json_invalid":
-        return ("We could not parse the JSON body of your request. The body must be valid JSON "
-                f"({first.get('ctx', {}).get('error', 'syntax error')}).", None, "invalid_json")
-    if first.get("type") == "missing":
-        return f"Missing required parameter: '{param}'.", param, "missing_required_parameter"
-    msg = first.get("msg", "invalid value")
-    where = f" for '{param}'" if param else ""
-    more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
-    return f"Invalid value{where}: {msg}.{more}", param, "invalid_value"
-
-
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
-        message, param, code = _validation_message(exc)
+        message, param, code = describe_validation_errors(exc.errors())
         return error_response(APIError(400, message, param=param, code=code))
 
     @app.exception_handler(StarletteHTTPException)
@@ -129,7 +109,8 @@ def install_error_handlers(app: FastAPI) -> None:
             err = APIError(413, str(exc.detail), code="request_too_large")
         else:
             detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
-            err = APIError(exc.status_code, detail)
+            err = APIError(exc.status_code, detail,
+                           code="invalid_request" if exc.status_code == 400 else f"http_{exc.status_code}")
         resp = error_response(err)
         if exc.headers:
             resp.headers.update(exc.headers)
@@ -139,8 +120,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _api(request: Request, exc: APIError):
         return error_response(exc)
 
-    for cls in (ContextLengthExceeded, InvalidRequest, ModelNotFound, ModelNotReady, QueueFull,
-                RequestTimeout, EngineClosed, EngineError):
+    for cls in (ContextLengthExceeded, InvalidRequest, ModelNotFound, ModelNotReady, ModelLoadFailed,
+                QueueFull, RequestTimeout, EngineClosed, EngineError):
         app.add_exception_handler(cls, _engine_handler)
 
     @app.exception_handler(Exception)

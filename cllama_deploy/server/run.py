@@ -1,8 +1,12 @@
 """``serve(settings)``: run the server with uvicorn until SIGINT/SIGTERM.
 
 The socket is bound before the models load, so health checks get 503 (not "connection refused")
-while loading. On SIGTERM uvicorn stops accepting connections and lets in-flight requests finish
-(up to ``graceful_timeout`` seconds) before the engines close.
+while loading. A model that does not load is the operator's mistake: every file is checked for the GGUF
+magic before the port is bound, and a file that still fails to load in llama.cpp stops the server, so
+``serve`` raises the one-line error (the CLI exits with code 2; systemd's ``Restart=on-failure`` and
+balancers see a dead process, not a server answering 503 forever). On SIGTERM uvicorn stops accepting
+connections and lets in-flight requests finish (up to ``graceful_timeout`` seconds) before the
+engines close.
 """
 
 from __future__ import annotations
@@ -71,16 +75,31 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 def serve(settings: Settings) -> ServeResult:
-    """Load the models (in the background) and serve HTTP until interrupted."""
+    """Load the models (in the background) and serve HTTP until interrupted.
+
+    Raises:
+        InputError: a model file is missing, is not a GGUF, or llama.cpp cannot load it (then the
+            server stops right after start-up instead of answering 503 forever).
+    """
     import uvicorn
 
     from cllama_deploy.engine.llamacpp import LlamaCppEngine
+    from cllama_deploy.errors import CllamaError, InputError
+    from cllama_deploy.gguf.reader import check_gguf_file
     from cllama_deploy.server.app import create_app
 
     configs = settings.engine_configs()  # checks the files before binding the port
+    for c in configs:
+        check_gguf_file(c.model_path, "MODEL")
     configure_logging(settings.log_level)
     loaders = [functools.partial(LlamaCppEngine.load, c) for c in configs]
-    app = create_app(settings, None, loaders=loaders)
+    failure: list[BaseException] = []
+
+    def stop(exc: BaseException) -> None:
+        failure.append(exc)
+        server.should_exit = True
+
+    app = create_app(settings, None, loaders=loaders, on_load_failure=stop)
     sock = bind_socket(settings.host, settings.port)
     host, port = sock.getsockname()[:2]
     config = uvicorn.Config(
@@ -92,4 +111,9 @@ def serve(settings: Settings) -> ServeResult:
     log.info("listening on http://%s:%d (models: %s)", shown, port,
              ", ".join(c.model_id for c in configs))
     server.run(sockets=[sock])
+    if failure:
+        exc = failure[0]
+        if isinstance(exc, CllamaError):
+            raise exc
+        raise InputError(f"could not load the model: {type(exc).__name__}: {exc}") from exc
     return ServeResult(host=host, port=port)

@@ -12,12 +12,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
+from cllama_deploy.engine.llamacpp import DEFAULT_PARALLEL, DEFAULT_PREFILL_CHUNK
+from cllama_deploy.engine.requests import SAMPLING_DEFAULT_KEYS, RequestConfig
 from cllama_deploy.errors import ConfigError
 
-_SAMPLING_KEYS = {
-    "temperature", "top_p", "top_k", "min_p", "typical_p", "repeat_penalty", "presence_penalty",
-    "frequency_penalty", "penalty_last_n",
-}
+_SAMPLING_KEYS = set(SAMPLING_DEFAULT_KEYS)
 
 
 @dataclass
@@ -31,6 +30,9 @@ class ModelSettings:
         n_ctx: context window; None uses the server-wide ``n_ctx`` (0 = the model's trained context).
         n_threads: llama.cpp threads; None uses the server-wide ``threads``.
         embeddings: serve /v1/embeddings for this model.
+        parallel: slots of this model; None uses the server-wide ``parallel``.
+        prefix_cache: prefix cache of this model; None uses the server-wide ``prefix_cache``.
+        sampling: this model's sampling defaults, over the server-wide ``sampling``.
     """
 
     path: str = field(metadata={"help": "GGUF file (relative to the settings file)."})
@@ -44,12 +46,24 @@ class ModelSettings:
         "help": "llama.cpp threads of this model.", "default_text": "the server-wide threads"})
     embeddings: bool = field(default=True, metadata={
         "help": "Serve /v1/embeddings for this model (on for every model unless set to false)."})
+    parallel: Optional[int] = field(default=None, metadata={
+        "help": "Slots of this model (sequences decoded together).",
+        "default_text": "the server-wide parallel"})
+    prefix_cache: Optional[bool] = field(default=None, metadata={
+        "help": "Prefix cache of this model.", "default_text": "the server-wide prefix_cache"})
+    sampling: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "This model's sampling defaults, over the server-wide sampling (e.g. {temperature: 0.2})."})
 
     def __post_init__(self) -> None:
         if not isinstance(self.path, str) or not self.path:
             raise ConfigError("each model needs a 'path' to a .gguf file")
         if self.id is not None and (not isinstance(self.id, str) or not self.id.strip()):
             raise ConfigError(f"model id for {self.path!r} must be a non-empty string")
+        if self.parallel is not None:
+            _check_int(f"models[{self.path}].parallel", self.parallel, 1)
+        if self.prefix_cache is not None and not isinstance(self.prefix_cache, bool):
+            raise ConfigError(f"models[{self.path}].prefix_cache must be true or false")
+        _check_sampling(f"models[{self.path}].sampling", self.sampling)
 
 
 @dataclass
@@ -75,6 +89,10 @@ class Settings:
         access_log: write one JSON line per request to the ``cllama_deploy.access`` logger.
         log_level: ``debug``, ``info``, ``warning`` or ``error`` (``--log-level``).
         sampling: defaults for sampling parameters a request leaves out (temperature, top_p, ...).
+        parallel: slots per model: sequences decoded together in each llama.cpp step (``--parallel``).
+        prefix_cache: reuse the KV of shared prompt prefixes (``--prefix-cache/--no-prefix-cache``).
+        prefill_chunk: most prompt tokens per step while others generate (``--prefill-chunk``).
+        unknown_fields: ``error`` (400 naming an unknown request field) or ``warn`` (log and go on).
     """
 
     # Field metadata (help, flag, default_text) makes the `serve` options: see cllama_deploy/options.py.
@@ -114,6 +132,17 @@ class Settings:
     sampling: dict[str, Any] = field(default_factory=lambda: default_sampling(), metadata={
         "help": "Defaults for the sampling parameters a request leaves out (a key left out here keeps "
                 "the engine's default shown).", "cli": False})
+    parallel: int = field(default=DEFAULT_PARALLEL, metadata={
+        "help": "Slots per model: sequences decoded together in each step (the KV cache holds "
+                "parallel × n_ctx tokens; n > 1 choices use one slot each)."})
+    prefix_cache: bool = field(default=True, metadata={
+        "help": "Reuse the KV cache of prompt prefixes shared with earlier or running requests.",
+        "flag": "--prefix-cache/--no-prefix-cache"})
+    prefill_chunk: int = field(default=DEFAULT_PREFILL_CHUNK, metadata={
+        "help": "Most prompt tokens decoded per step while other sequences are generating."})
+    unknown_fields: str = field(default="error", metadata={
+        "help": "A request field the server does not know: error (400 naming it) or warn (log it, "
+                "go on).", "choices": ("error", "warn")})
 
     def __post_init__(self) -> None:
         self.models = [m if isinstance(m, ModelSettings) else _model_from(m) for m in self.models]
@@ -144,12 +173,13 @@ class Settings:
                 raise ConfigError(f"{flag} must be a positive number of seconds, got {value!r}")
         if self.log_level not in ("debug", "info", "warning", "error"):
             raise ConfigError(f"--log-level must be debug, info, warning or error, got {self.log_level!r}")
-        if not isinstance(self.sampling, dict):
-            raise ConfigError("settings key 'sampling' must be a mapping such as {temperature: 0.7}")
-        unknown = set(self.sampling) - _SAMPLING_KEYS
-        if unknown:
-            raise ConfigError(f"unknown sampling default(s) {sorted(unknown)}; allowed: "
-                              f"{sorted(_SAMPLING_KEYS)}")
+        _check_sampling("sampling", self.sampling)
+        _check_int("--parallel", self.parallel, 1)
+        _check_int("--prefill-chunk", self.prefill_chunk, 1)
+        if not isinstance(self.prefix_cache, bool):
+            raise ConfigError("--prefix-cache must be true or false")
+        if self.unknown_fields not in ("error", "warn"):
+            raise ConfigError(f"--unknown-fields must be error or warn, got {self.unknown_fields!r}")
         ids = [m.id or _default_id(m.path) for m in self.models]
         dupes = {i for i in ids if ids.count(i) > 1}
         if dupes:
@@ -167,10 +197,21 @@ class Settings:
                 model_path=m.path, model_id=m.id, n_ctx=self.n_ctx if m.n_ctx is None else m.n_ctx,
                 n_threads=m.n_threads or self.threads, n_batch=self.n_batch,
                 chat_template=m.chat_template or self.chat_template, max_queue=self.max_queue,
-                embeddings=m.embeddings,
+                embeddings=m.embeddings, parallel=m.parallel or self.parallel,
+                prefix_cache=self.prefix_cache if m.prefix_cache is None else m.prefix_cache,
+                prefill_chunk=self.prefill_chunk,
             )
             for m in self.models
         ]
+
+    def request_config(self, model_id: Optional[str] = None) -> RequestConfig:
+        """The request layer's policy for ``model_id``: its sampling defaults over the server's."""
+        sampling = dict(self.sampling)
+        for m in self.models:
+            if (m.id or _default_id(m.path)) == model_id:
+                sampling.update(m.sampling)
+        return RequestConfig(sampling=sampling, max_n=self.max_n, timeout=self.request_timeout,
+                             unknown_fields=self.unknown_fields)
 
 
 def default_sampling() -> dict[str, Any]:
@@ -179,6 +220,14 @@ def default_sampling() -> dict[str, Any]:
 
     defaults = SamplingParams()
     return {name: getattr(defaults, name) for name in sorted(_SAMPLING_KEYS)}
+
+
+def _check_sampling(key: str, sampling: Any) -> None:
+    if not isinstance(sampling, dict):
+        raise ConfigError(f"settings key '{key}' must be a mapping such as {{temperature: 0.7}}")
+    unknown = set(sampling) - _SAMPLING_KEYS
+    if unknown:
+        raise ConfigError(f"unknown {key} default(s) {sorted(unknown)}; allowed: {sorted(_SAMPLING_KEYS)}")
 
 
 def _check_int(flag: str, value: Any, minimum: int) -> None:

@@ -49,7 +49,10 @@ def test_models_health_docs(url):
     assert card["meta"]["n_ctx"] == 512 and card["meta"]["chat_template"] == "gguf"
     assert httpx.get(url + "/v1/models/tiny").json()["id"] == "tiny"
     assert_error(httpx.get(url + "/v1/models/nope"), 404, "model_not_found", "model")
-    assert httpx.get(url + "/health").json() == {"status": "ok", "models": ["tiny"]}
+    health = httpx.get(url + "/health").json()
+    assert health["status"] == "ok" and health["models"] == ["tiny"]
+    slots = health["slots"]["tiny"]
+    assert slots["total"] >= 1 and 0 <= slots["used"] <= slots["total"] and slots["queue_depth"] >= 0
     docs = httpx.get(url + "/docs")
     assert docs.status_code == 200
     # the docs page works offline: every script and stylesheet comes from this server

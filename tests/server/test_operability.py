@@ -153,12 +153,12 @@ def test_fifty_concurrent_requests_none_lost(url):
 
 def test_disconnect_mid_stream_frees_the_engine(url, engine, monkeypatch):
     streams = []
-    real_generate = engine.generate
+    real_submit = engine.submit
 
-    def capture(req):
-        s = real_generate(req)
-        streams.append(s)
-        return s
+    def capture(reqs):
+        out = real_submit(reqs)
+        streams.extend(out)
+        return out
 
     gate = threading.Event()
     evals = []
@@ -168,7 +168,7 @@ def test_disconnect_mid_stream_frees_the_engine(url, engine, monkeypatch):
         if len(evals) > 3:
             gate.wait(60)
 
-    monkeypatch.setattr(engine, "generate", capture)
+    monkeypatch.setattr(engine, "submit", capture)
     monkeypatch.setattr(engine.context, "decode_hook", slow_decode)
     cancelled_before = engine.stats()["cancelled"]
     body = {"model": "tiny", "messages": [{"role": "user", "content": "long story"}], "max_tokens": 300,

@@ -7,10 +7,10 @@ from fastapi import APIRouter, Request
 from cllama_deploy.server import handlers
 from cllama_deploy.server.protocol import (
     ERROR_RESPONSES,
+    ChatCompletion,
     ChatCompletionRequest,
-    ChatCompletionResponse,
+    Completion,
     CompletionRequest,
-    CompletionResponse,
     EmbeddingRequest,
     EmbeddingResponse,
     ModelCard,
@@ -18,6 +18,16 @@ from cllama_deploy.server.protocol import (
 )
 
 router = APIRouter(prefix="/v1", tags=["OpenAI"], responses=ERROR_RESPONSES)
+
+
+def _streamed(chunk_model: str) -> dict:
+    """The 200 response's second media type: the SSE stream of ``chunk_model`` events (the schema is
+    added to the OpenAPI components by ``app._openapi``)."""
+    return {200: {"content": {"text/event-stream": {
+        "schema": {"$ref": f"#/components/schemas/{chunk_model}"},
+        "example": f"data: {{...{chunk_model}...}}\n\ndata: [DONE]\n\n"}},
+        "description": "JSON, or with `stream: true` server-sent events: one `data: {chunk}` per "
+                       f"{chunk_model}, then `data: [DONE]`."}}
 
 
 def _card(engine) -> dict:
@@ -40,14 +50,15 @@ async def get_model(model_id: str, request: Request):
     return _card(request.app.state.registry.get(model_id))
 
 
-@router.post("/chat/completions", response_model=ChatCompletionResponse,
+@router.post("/chat/completions", response_model=ChatCompletion,
+             responses=_streamed("ChatCompletionChunk"),
              summary="Chat completion (stream: true for server-sent events)")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     request.state.endpoint = "/v1/chat/completions"
     return await handlers.chat_completion(request, body)
 
 
-@router.post("/completions", response_model=CompletionResponse,
+@router.post("/completions", response_model=Completion, responses=_streamed("CompletionChunk"),
              summary="Text completion (stream: true for server-sent events)")
 async def completions(body: CompletionRequest, request: Request):
     request.state.endpoint = "/v1/completions"
