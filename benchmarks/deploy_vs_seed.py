@@ -7,16 +7,23 @@ Seed's path (Chinese-LLaMA-Alpaca's recipe):
   3. quantize: llama_cpp.llama_model_quantize → Q4_K_M
 Ours: one `cllama-deploy deploy` process (streaming merge → f16 GGUF → llama.cpp quantize).
 
-Every step runs as its own subprocess; wall time and peak RSS (the child's ru_maxrss from wait4, and a
-psutil sampler over the process tree) are measured per step. Prints a table and ratios, and writes
-JSON (``--json``).
+Every step runs as its own process, started by this (small) process; the set-up runs in a process of
+its own too. Peak memory of a step is the step's process's own high-water mark (``VmHWM`` from
+/proc/self/status, written by the process itself as it exits: the script wraps every command with
+``--wrap-hwm``). The parent's view of a child, ``ru_maxrss`` from wait4, is NOT used: a forked child's
+counter starts from the parent's resident size, so a parent that had built the model reported its own
+1.19 GB for every child. A psutil sampler of the process tree is kept as a cross-check. Ours' per-step
+figures come from its manifest (wall time, and the kernel's high-water mark reset at each step).
+Sides alternate (ours, seed, ours, ...) for ``--rounds``; the load average before each step is
+recorded, so a noisy run shows itself. Prints a table and ratios, and writes JSON (``--json``).
 
-    .venv/bin/python benchmarks/deploy_vs_seed.py --work /tmp/deploy-bench [--threads 2] [--sdist DIR]
+    .venv/bin/python benchmarks/deploy_vs_seed.py --work /tmp/deploy-bench --rounds 2 [--threads 2] [--sdist DIR]
 
-Setup (not timed): the tokenizer (LLaMA's 32000 pieces + chinese_sp.model = 49953, from
+Set-up (not timed): the tokenizer (LLaMA's 32000 pieces + chinese_sp.model = 49953, from
 /work/shared/data), a random f16 base (22 layers, hidden 2048, intermediate 5632, 32 heads, 4 KV heads)
 written shard by shard with numpy, and a random LoRA (r 8, all 7 projections, embed_tokens/lm_head
-saved through modules_to_save).
+saved through modules_to_save). The llama-cpp-python sdist (for convert_hf_to_gguf.py) is taken from
+``--sdist``, else ~/.cache/cllama-bench, else downloaded with pip.
 """
 
 from __future__ import annotations
@@ -33,14 +40,18 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 DATA = Path("/work/shared/data")
 
-SHAPE = dict(num_hidden_layers=22, hidden_size=2048, intermediate_size=5632, num_attention_heads=32,
-             num_key_value_heads=4, vocab_size=49953)
+SHAPES = {
+    "tinyllama": dict(num_hidden_layers=22, hidden_size=2048, intermediate_size=5632, num_attention_heads=32,
+                      num_key_value_heads=4, vocab_size=49953),
+    # a smoke test of the script itself (seconds, not minutes); not a benchmark
+    "smoke": dict(num_hidden_layers=2, hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=49953),
+}
+SHAPE = dict(SHAPES["tinyllama"])
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -74,13 +85,16 @@ def _shapes() -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _rand(rng, shape, std=0.02) -> np.ndarray:
+def _rand(rng, shape, std=0.02):
+    import numpy as np
+
     if len(shape) == 1:
         return np.ones(shape, dtype=np.float16)
     return (rng.standard_normal(shape, dtype=np.float32) * std).astype(np.float16)
 
 
 def make_base(out: Path, tokenizer: Path, shard_bytes: int = 1 << 30) -> Path:
+    import numpy as np
     from safetensors.numpy import save_file
 
     out.mkdir(parents=True, exist_ok=True)
@@ -113,6 +127,7 @@ def make_base(out: Path, tokenizer: Path, shard_bytes: int = 1 << 30) -> Path:
 
 
 def make_lora(out: Path, tokenizer: Path, r: int = 8) -> Path:
+    import numpy as np
     from safetensors.numpy import save_file
 
     out.mkdir(parents=True, exist_ok=True)
@@ -138,15 +153,46 @@ def make_lora(out: Path, tokenizer: Path, r: int = 8) -> Path:
 
 # -- measuring -----------------------------------------------------------------------------------------
 
-def run_step(name: str, cmd: list[str], log: Path, env: dict | None = None) -> dict:
-    """Run ``cmd``; wall time and peak RSS (max of the child's ru_maxrss and a psutil tree sampler)."""
+def wrap_hwm(argv: list[str]) -> None:
+    """``--wrap-hwm FILE (-m MODULE | -c CODE | SCRIPT) ARGS...``: run a Python command in this process and,
+    as it exits, write its own peak resident memory (VmHWM) to FILE. Runs before any heavy import here."""
+    import atexit
+    import runpy
+
+    out, rest = Path(argv[0]), argv[1:]
+
+    def write() -> None:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                out.write_text(str(int(line.split()[1]) * 1024))
+
+    atexit.register(write)
+    if rest[0] == "-m":
+        sys.argv = [rest[1]] + rest[2:]
+        runpy.run_module(rest[1], run_name="__main__", alter_sys=True)
+    elif rest[0] == "-c":
+        sys.argv = ["-c"] + rest[2:]
+        exec(compile(rest[1], "<string>", "exec"), {"__name__": "__main__"})
+    else:
+        sys.argv = rest
+        sys.path.insert(0, str(Path(rest[0]).resolve().parent))
+        runpy.run_path(rest[0], run_name="__main__")
+
+
+def run_step(name: str, args: list[str], log: Path, env: dict | None = None) -> dict:
+    """Run ``python ARGS`` through :func:`wrap_hwm`; wall time, the process's own peak RSS (VmHWM), a psutil
+    sampler of its process tree (cross-check), the load average before it started."""
     import psutil
 
-    print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(cmd)}", flush=True)
+    hwm_file = log.with_suffix(".hwm")
+    hwm_file.unlink(missing_ok=True)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--wrap-hwm", str(hwm_file), *args]
+    load = os.getloadavg()[0]
+    print(f"[{time.strftime('%H:%M:%S')}] {name} (load {load:.1f}): {' '.join(args)}", flush=True)
     t0 = time.perf_counter()
     with open(log, "wb") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
-    peak = [0]
+    sampled = [0]
     done = threading.Event()
 
     def sample() -> None:
@@ -157,24 +203,43 @@ def run_step(name: str, cmd: list[str], log: Path, env: dict | None = None) -> d
         while not done.is_set():
             try:
                 rss = ps.memory_info().rss + sum(c.memory_info().rss for c in ps.children(recursive=True))
-                peak[0] = max(peak[0], rss)
+                sampled[0] = max(sampled[0], rss)
             except psutil.Error:
                 pass
             time.sleep(0.05)
 
     th = threading.Thread(target=sample, daemon=True)
     th.start()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    proc.wait()
     seconds = time.perf_counter() - t0
     done.set()
     th.join()
-    peak_rss = max(peak[0], usage.ru_maxrss * 1024)
     if proc.returncode != 0:
         tail = log.read_bytes()[-3000:].decode("utf-8", "replace")
         raise SystemExit(f"{name} failed (exit {proc.returncode}):\n{tail}")
-    print(f"    {seconds:.1f}s, peak RSS {peak_rss / 2**30:.2f} GiB", flush=True)
-    return {"step": name, "seconds": round(seconds, 2), "peak_rss_bytes": int(peak_rss)}
+    peak = int(hwm_file.read_text())
+    print(f"    {seconds:.1f}s, peak RSS {peak / 2**30:.2f} GiB (sampled {sampled[0] / 2**30:.2f})", flush=True)
+    return {"step": name, "seconds": round(seconds, 2), "peak_rss_bytes": peak, "sampled_rss_bytes": sampled[0],
+            "load_before": round(load, 2)}
+
+
+def setup(work: Path) -> None:
+    """Tokenizer, base and LoRA (run in its own process by main, so this one stays small)."""
+    tok = make_tokenizer(work / "tokenizer" / "tokenizer.model")
+    make_base(work / "base", tok)
+    make_lora(work / "lora", tok)
+
+
+def find_sdist(work: Path) -> Path:
+    cached = sorted(Path.home().glob(".cache/cllama-bench/llama_cpp_python-*/vendor/llama.cpp/convert_hf_to_gguf.py"))
+    if cached:
+        return cached[-1].parents[2]
+    from benchmarks.compare_with_llamacpp import get_sdist
+
+    sdist_dir = work / "sdist"
+    sdist_dir.mkdir(exist_ok=True)
+    existing = [p for p in sdist_dir.iterdir() if p.is_dir()]
+    return existing[0] if existing else get_sdist(sdist_dir)
 
 
 SEED_MERGE = """
@@ -201,15 +266,26 @@ sys.exit(llama_cpp.llama_model_quantize(inp.encode(), out.encode(), ctypes.byref
 
 
 def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "--wrap-hwm":
+        wrap_hwm(sys.argv[2:])
+        return 0
+    if len(sys.argv) > 1 and sys.argv[1] == "--setup":
+        SHAPE.update(SHAPES[sys.argv[3]])
+        setup(Path(sys.argv[2]))
+        return 0
     ap = argparse.ArgumentParser(description="deploy vs the seed's merge/convert/quantize path")
     ap.add_argument("--work", type=Path, default=Path("/tmp/deploy-bench"))
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--sdist", type=Path, help="unpacked llama-cpp-python sdist (default: download)")
+    ap.add_argument("--sdist", type=Path, help="unpacked llama-cpp-python sdist (default: ~/.cache/cllama-bench or "
+                                               "download)")
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--only", choices=["ours", "seed"], help="run one side only")
+    ap.add_argument("--shape", choices=list(SHAPES), default="tinyllama",
+                    help="model shape (smoke: a quick check that the script runs; give it its own --work)")
     ap.add_argument("--rounds", type=int, default=1,
                     help="alternate ours/seed this many times; the table shows medians (peaks: maxima)")
     args = ap.parse_args()
+    SHAPE.update(SHAPES[args.shape])
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     py = sys.executable
@@ -217,43 +293,44 @@ def main() -> int:
     base, lora = work / "base", work / "lora"
     if not (base / "config.json").is_file() or not (lora / "adapter_config.json").is_file():
         t0 = time.perf_counter()
-        tok = make_tokenizer(work / "tokenizer" / "tokenizer.model")
-        make_base(base, tok)
-        make_lora(lora, tok)
-        print(f"setup: {time.perf_counter() - t0:.0f}s", flush=True)
+        subprocess.run([py, str(Path(__file__).resolve()), "--setup", str(work), args.shape], check=True,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        print(f"setup (own process): {time.perf_counter() - t0:.0f}s", flush=True)
     if args.sdist is None and args.only != "ours":
-        from benchmarks.compare_with_llamacpp import get_sdist
-
-        sdist_dir = work / "sdist"
-        sdist_dir.mkdir(exist_ok=True)
-        existing = [p for p in sdist_dir.iterdir() if p.is_dir()]
-        args.sdist = existing[0] if existing else get_sdist(sdist_dir)
+        args.sdist = find_sdist(work)
     env = dict(os.environ, PYTHONPATH=str(ROOT), CLLAMA_N_THREADS=str(args.threads))
 
+    import psutil
+
     results: dict = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                                 "mem_gib": round(__import__("psutil").virtual_memory().total / 2**30, 1)},
-                     "threads": args.threads, "model": SHAPE, "seed": [], "ours": []}
+                                 "mem_gib": round(psutil.virtual_memory().total / 2**30, 1)},
+                     "threads": args.threads, "model": SHAPE, "seed": [], "ours": [],
+                     "peak_rss_method": "each step's own VmHWM (written by the step's process as it exits)"}
     for rnd in range(args.rounds):
         if args.only != "seed":
             out = work / "ours"
             shutil.rmtree(out, ignore_errors=True)
-            r = run_step("ours: deploy", [py, "-m", "cllama_deploy", "deploy", "--base", str(base), "--lora",
-                                          str(lora), "--quant", "Q4_K_M", "--out", str(out), "--name", "bench",
+            r = run_step("ours: deploy", ["-m", "cllama_deploy", "deploy", "--base", str(base), "--lora", str(lora),
+                                          "--quant", "Q4_K_M", "--out", str(out), "--name", "bench",
                                           "--threads", str(args.threads), "-q"], work / "ours.log", env)
             manifest = json.loads((out / "manifest.json").read_text())
-            r["steps"] = {s["name"]: {"seconds": s["seconds"], "peak_rss_bytes": s["peak_rss_bytes"]}
-                          for s in manifest["steps"]}
+            r["steps"] = {s["name"]: {"seconds": s["seconds"], "peak_rss_bytes": s["peak_rss_bytes"],
+                                      "timings": s.get("timings")} for s in manifest["steps"]}
+            r["manifest_seconds"] = manifest["seconds"]
+            # deploy resets its own high-water mark at every step (to measure each), so the whole run's
+            # peak is the manifest's (every step's peak and what came before)
+            r["peak_rss_bytes"] = max(r["peak_rss_bytes"], manifest.get("peak_rss_bytes") or 0)
             results["ours"].append(r)
         if args.only != "ours":
             merged, f16, q4 = work / "seed-merged", work / "seed-f16.gguf", work / "seed-Q4_K_M.gguf"
             shutil.rmtree(merged, ignore_errors=True)
             script = args.sdist / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py"
             results["seed"].append([
-                run_step("seed: peft merge + save_pretrained", [py, "-c", SEED_MERGE, str(base), str(lora),
-                                                                str(merged)], work / "seed-merge.log", env),
-                run_step("seed: convert_hf_to_gguf.py f16", [py, str(script), str(merged), "--outfile", str(f16),
+                run_step("seed: peft merge + save_pretrained", ["-c", SEED_MERGE, str(base), str(lora), str(merged)],
+                         work / "seed-merge.log", env),
+                run_step("seed: convert_hf_to_gguf.py f16", [str(script), str(merged), "--outfile", str(f16),
                                                              "--outtype", "f16"], work / "seed-convert.log", env),
-                run_step("seed: quantize Q4_K_M", [py, "-c", SEED_QUANTIZE, str(f16), str(q4), str(args.threads)],
+                run_step("seed: quantize Q4_K_M", ["-c", SEED_QUANTIZE, str(f16), str(q4), str(args.threads)],
                          work / "seed-quantize.log", env),
             ])
 
@@ -278,10 +355,16 @@ def main() -> int:
             "merge_convert_time": round((ours_mc + ours_other) / seed_mc, 3),
             "total_time": round(ours["seconds"] / seed_total, 3),
             "total_time_quantize_excluded": round((ours["seconds"] - ours_q) / (seed_total - seed[2]["seconds"]), 3),
+            "quantize_step": round(ours_q / seed[2]["seconds"], 3),
         }
+        per_round = [{"ours_total": r["seconds"], "seed_total": round(sum(x["seconds"] for x in s), 2),
+                      "ours_quantize": r["steps"]["quantize Q4_K_M"]["seconds"], "seed_quantize": s[2]["seconds"],
+                      "load_before": [r["load_before"]] + [x["load_before"] for x in s]}
+                     for r, s in zip(results["ours"], results["seed"])]
+        results["per_round"] = per_round
         results["bars"] = {"peak_rss": 0.3, "merge_convert_time": 0.5, "total_time": 0.85}
         print(json.dumps(results["ratios"], indent=2))
-        print(f"\n{args.rounds} round(s); medians of wall time, maxima of peak RSS")
+        print(f"\n{args.rounds} round(s); medians of wall time, maxima of peak RSS (each process's own VmHWM)")
         print("\n| path | step | wall s | peak RSS GiB |\n|---|---|---:|---:|")
         for s in seed:
             print(f"| seed | {s['step'][6:]} | {s['seconds']:.1f} | {s['peak_rss_bytes'] / 2**30:.2f} |")
@@ -291,6 +374,13 @@ def main() -> int:
             print(f"| ours | {label} | {s['seconds']:.1f} | {s['peak_rss_bytes'] / 2**30:.2f} |")
         print(f"| ours | start-up, checks, hashing, manifest | {ours_other:.1f} | |")
         print(f"| ours | **total (one process)** | {ours['seconds']:.1f} | {ours['peak_rss_bytes'] / 2**30:.2f} |")
+        print("\nours' quantize step, where the time went (per round):")
+        for r in results["ours"]:
+            print(f"  {r['steps']['quantize Q4_K_M']['seconds']:.1f}s: {r['steps']['quantize Q4_K_M']['timings']}")
+        print("per round (load average before each step: ours, seed merge, convert, quantize):")
+        for k, pr in enumerate(per_round):
+            print(f"  {k + 1}: ours {pr['ours_total']:.1f}s (quantize {pr['ours_quantize']:.1f}), seed "
+                  f"{pr['seed_total']:.1f}s (quantize {pr['seed_quantize']:.1f}); load {pr['load_before']}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0

@@ -207,7 +207,7 @@ class Manifest:
     steps: list[Step] = field(default_factory=list)
     outputs: list[dict] = field(default_factory=list)
     seconds: float | None = None
-    ru_maxrss_bytes: int | None = None
+    peak_rss_bytes: int | None = None  # the whole run's peak (the steps' peaks and what came before them)
 
     @classmethod
     def load(cls, path: Path) -> Manifest | None:
@@ -264,6 +264,7 @@ class _PeakRss:
     def __init__(self, interval: float = 0.02):
         self.interval = interval
         self.peak = 0
+        self.before = 0  # the process's peak so far, read before the reset (the reset loses it)
         self._thread: threading.Thread | None = None
 
     @staticmethod
@@ -275,6 +276,7 @@ class _PeakRss:
         return None
 
     def __enter__(self):
+        self.before = self._hwm() or 0
         try:
             Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
             self._kernel = self._hwm() is not None
@@ -451,6 +453,7 @@ class Deployment:
             self._hash_inputs()
         self._pending: list[tuple[FileRecord, Future]] = []  # outputs still being hashed
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
+        self.peak_rss = 0
         self.save()  # from here on a killed run leaves a manifest that says it is not complete
 
     # -- inputs and keys ---------------------------------------------------------------------------
@@ -507,6 +510,7 @@ class Deployment:
                 release_memory()
             step.seconds = round(time.perf_counter() - t0, 3)
             step.peak_rss_bytes = peak.peak
+            self.peak_rss = max(self.peak_rss, peak.before, peak.peak)
             step.key = key()
         self.manifest.steps.append(step)
         self.save()
@@ -550,7 +554,9 @@ class Deployment:
                       "fallbacks": o.fallbacks} for o in outputs]
         m.complete = True
         m.seconds = round(time.perf_counter() - self.t_start, 3)
-        m.ru_maxrss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        # the steps reset the kernel's high-water mark, so ru_maxrss would only cover the last one
+        m.peak_rss_bytes = max(self.peak_rss, _PeakRss._hwm()
+                               or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
         self.save()
         return DeployResult(out_dir=self.out, manifest=self.manifest_path, name=self.cfg.name, outputs=outputs,
                             steps=list(m.steps), seconds=time.perf_counter() - self.t_start)

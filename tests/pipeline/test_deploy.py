@@ -93,6 +93,7 @@ def test_manifest_and_modelfiles(deployed, deploy_inputs):
     assert m["complete"] is True
     assert [s["name"] for s in m["steps"]] == ["convert", "quantize Q4_K_M"]
     assert all(s["status"] == "done" and s["seconds"] >= 0 and s["peak_rss_bytes"] > 0 for s in m["steps"])
+    assert m["peak_rss_bytes"] >= max(s["peak_rss_bytes"] for s in m["steps"])  # the whole run's
     files = {Path(f["path"]).name: f for f in m["inputs"]["base"]["files"]}
     assert files["model.safetensors"]["sha256"] == sha256_file(base / "model.safetensors")
     assert [Path(e["path"]) for e in m["inputs"]["loras"]] == [p.resolve() for p in loras]
