@@ -3,7 +3,7 @@
 Builds a random LLaMA (default: 8 layers, hidden 1024, vocab 32000, f32) and the seed's "Plus" pair of
 adapters: a pre-training LoRA that grows the vocabulary to 49953 (embed_tokens/lm_head saved whole,
 LoRA r=8 on every projection) and an SFT LoRA (49954 tokens, the same kinds of tensors). Files are
-written with numpy only. Then runs, each in a fresh subprocess whose peak RSS (ru_maxrss) is recorded:
+written with numpy only. Then runs, each in a fresh subprocess whose own peak RSS (VmHWM) is recorded:
 
 * ``idle``: Python importing cllama_deploy.merge and numpy, nothing else (the floor);
 * ``ours``: ``cllama-deploy merge`` (the ``merge()`` function) into a temporary directory;

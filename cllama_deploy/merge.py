@@ -215,7 +215,8 @@ def merged_source(base_dir: str | Path, lora_dirs: Sequence[str | Path], *,
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 _STORAGE_TO_DTYPE = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float32"}
 
-# Files copied from the tokenizer's directory (never mixed between directories: they must agree).
+# Tokenizer files of an HF directory: copied as they are from a tokenizer without tokenizer.model (else
+# write_hf_tokenizer writes them, see copy_tokenizer_files); never mixed between directories.
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja", "chat_template.json")
 

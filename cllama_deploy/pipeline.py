@@ -32,7 +32,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 from cllama_deploy.errors import ConfigError
 from cllama_deploy.files import check_replaceable_dir, sha256_file, write_text_atomic

@@ -104,9 +104,6 @@ class _TorchShard:
             self._state = state
         return self._state
 
-    def close(self) -> None:
-        self._state = None
-
 
 def torch_to_numpy(tensor, name: str, path: Path) -> np.ndarray:
     """A torch tensor as float32 (bf16/f32/f64) or float16 (f16) numpy array."""
@@ -233,9 +230,6 @@ class HFCheckpoint:
             return list(self._st)
         return list(self._bin_order)
 
-    def __contains__(self, name: str) -> bool:
-        return name in (self._st if self.format == "safetensors" else self._bin)
-
     def _missing(self, name: str) -> CheckpointError:
         return CheckpointError(f"{self.path}: the model has no tensor {name!r}")
 
@@ -279,11 +273,6 @@ class HFCheckpoint:
                 d = self.dtype(name)
                 counts[d] = counts.get(d, 0) + int(np.prod(shape))
         return max(counts, key=counts.get) if counts else "F32"
-
-    def close(self) -> None:
-        """Drop cached pickle state dicts (safetensors tensors hold no open handle)."""
-        for shard in set(self._bin.values()):
-            shard.close()
 
     def __repr__(self) -> str:
         return f"HFCheckpoint({str(self.path)!r}, {self.format}, {len(self.names())} tensors)"

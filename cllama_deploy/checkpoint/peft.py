@@ -196,10 +196,6 @@ class LoraAdapter:
             raise CheckpointError(f"{self.path}: no adapter weights ({ADAPTER_SAFETENSORS} or {ADAPTER_BIN}); "
                                   "pass the directory that PeftModel.save_pretrained wrote")
 
-    def keys(self) -> list[str]:
-        """The adapter's tensor keys as saved."""
-        return list(self._keys)
-
     def shape(self, key: str) -> tuple[int, ...]:
         if self._state is not None:
             return tuple(self._state[key].shape)
@@ -295,10 +291,6 @@ class LoraAdapter:
         return rank
 
     # -- tensors for the merge ---------------------------------------------------------------------
-    def targets(self) -> set[str]:
-        """Base tensor names this adapter changes."""
-        return set(self.lora) | set(self.full)
-
     def delta_shape(self, target: str) -> tuple[int, int]:
         """The (rows, cols) of ``B @ A`` in base-tensor layout (before any fan_in_fan_out transpose)."""
         pair = self.lora[target]
@@ -340,10 +332,6 @@ class LoraAdapter:
 
     def full_shape(self, target: str) -> tuple[int, ...]:
         return self.shape(self.full[target])
-
-    def expected_base_shape(self, target: str) -> tuple[int, ...]:
-        """The base shape a LoRA pair can be added to (its delta shape, or transposed for fan_in_fan_out)."""
-        return self.delta_shape(target)
 
     def __repr__(self) -> str:
         return (f"LoraAdapter({str(self.path)!r}, r={self.r}, alpha={self.lora_alpha}, "
