@@ -117,7 +117,8 @@ def _mount_offline_docs(app: FastAPI) -> None:
 
 def _openapi(app: FastAPI) -> dict:
     """FastAPI's schema plus the stream chunk models the SSE responses reference (FastAPI only
-    registers the models of JSON responses)."""
+    registers the models of JSON responses), minus FastAPI's 422 responses: validation errors are
+    400 OpenAI error objects here (``errors.py``)."""
     if app.openapi_schema is None:
         from fastapi.openapi.utils import get_openapi
         from pydantic.json_schema import models_json_schema
@@ -131,5 +132,10 @@ def _openapi(app: FastAPI) -> dict:
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         for name, definition in defs.get("$defs", {}).items():
             components.setdefault(name, definition)
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                operation.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            components.pop(name, None)
         app.openapi_schema = schema
     return app.openapi_schema

@@ -31,6 +31,45 @@ def test_bad_flags_exit_2(tiny_gguf_path, tmp_path, capsys):
     assert main(["serve"]) == 2
 
 
+def _serve_until_exit(args: list[str], timeout: float = 90) -> subprocess.CompletedProcess:
+    """Run ``cllama-deploy serve ARGS`` and wait for it to exit on its own (a server that keeps
+    running past ``timeout`` fails the test instead of hanging it)."""
+    env = {**os.environ, "CLLAMA_N_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "cllama_deploy", "serve", *args, "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"serve kept running with a model that cannot load; stderr:\n{err[-2000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def test_serve_of_a_file_that_is_not_a_gguf_exits_2_with_one_line(tmp_path):
+    """Issue 14 item 4: a config.json (say) given as the model: one line, exit 2, before listening."""
+    cfg = tmp_path / "config.json"
+    cfg.write_text('{"architectures": ["LlamaForCausalLM"]}')
+    done = _serve_until_exit([str(cfg)])
+    assert done.returncode == 2, done.stderr
+    lines = [x for x in done.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1, lines
+    assert "not a GGUF file" in lines[0] and str(cfg) in lines[0]
+    assert "listening on" not in done.stderr
+
+
+def test_serve_of_a_gguf_that_llama_cpp_cannot_load_stops_with_exit_2(tiny_gguf_path, tmp_path):
+    """A GGUF that passes the magic check but does not load (cut short): the server stops after
+    start-up with the error as its last line (no traceback), instead of answering 503 forever."""
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(tiny_gguf_path.read_bytes()[:100_000])
+    done = _serve_until_exit([str(cut)])
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "could not load" in last and str(cut) in last
+
+
 def test_serve_subprocess_graceful_shutdown(tiny_gguf_path, tmp_path):
     cfg = tmp_path / "settings.yaml"
     cfg.write_text(

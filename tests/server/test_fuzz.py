@@ -46,6 +46,12 @@ COMPLETION = {**VALID, "logprobs": st.integers(0, 5), "echo": st.booleans()}
 EMBEDDING = {"model": st.just("tiny"), "encoding_format": st.sampled_from(["float", "base64"])}
 
 
+# fields a body may carry beyond the declared ones: typos, known OpenAI / llama.cpp extensions
+EXTRA_NAMES = ["temprature", "store", "metadata", "cache_prompt", "mirostat", "tfs_z", "n_predict",
+               "grammar", "json_schema", "repeat_last_n", "ignore_eos", "samplers"]
+extra_value = st.one_of(junk, st.sampled_from(['root ::= "a"', "root ::= root", "::=", "", 0, -1, 5, True]))
+
+
 def bodies(required: dict, optional: dict):
     valid = st.fixed_dictionaries(required, optional=optional)
     names = sorted({**required, **optional})
@@ -56,7 +62,13 @@ def bodies(required: dict, optional: dict):
         body[draw(st.sampled_from(names))] = draw(junk)
         return body
 
-    return st.one_of(valid, valid, mutated())
+    @st.composite
+    def extended(draw):  # one extra field, known or not, with a plausible or junk value
+        body = draw(valid)
+        body[draw(st.sampled_from(EXTRA_NAMES))] = draw(extra_value)
+        return body
+
+    return st.one_of(valid, valid, mutated(), extended())
 
 
 chat_body = bodies({"messages": st.lists(message, min_size=1, max_size=3)}, CHAT)
@@ -106,9 +118,11 @@ def check(http, path, body):
             data = r.json()
             if r.status_code >= 400:
                 assert set(data["error"]) == {"message", "type", "param", "code"}
+            if r.status_code == 400:  # every 400 has a code
+                assert data["error"]["code"], (path, body, data)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), database=None,
+@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck), database=None,
           derandomize=True)
 @given(req=requests)
 def test_fuzzed_bodies_never_5xx(http, req):

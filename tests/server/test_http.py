@@ -29,6 +29,8 @@ def assert_error(resp, status, code=None, param=None):
     err = body["error"]
     assert set(err) == {"message", "type", "param", "code"}
     assert err["message"]
+    if status == 400:  # every 400 says which kind of mistake it is (issue 14 item 11)
+        assert err["code"], err
     if code is not None:
         assert err["code"] == code, err
     if param is not None:
@@ -226,9 +228,22 @@ def test_tokenize_detokenize(url):
     assert ids[0] == 1  # BOS
     plain = post(url, "/tokenize", {"content": "Hello 世界", "add_special": False}).json()["tokens"]
     assert plain == ids[1:]
-    assert post(url, "/detokenize", {"tokens": plain}).json()["content"].strip() == "Hello 世界"
-    assert_error(post(url, "/detokenize", {"tokens": [10**6]}), 400)
+    assert post(url, "/detokenize", {"tokens": plain}).json()["content"] == "Hello 世界"
+    assert_error(post(url, "/detokenize", {"tokens": [10**6]}), 400, "invalid_value", "tokens")
     assert_error(post(url, "/detokenize", {"tokens": [-1]}), 400)
+
+
+@pytest.mark.parametrize("text", ["Hello 世界", " Hello", "  two spaces", "\nnew line", "龘x", "a"])
+def test_detokenize_round_trips_without_a_leading_space(url, server_sp_model, text):
+    """Issue 14 item 12: /detokenize decodes as SentencePiece does (the dummy-prefix space that
+    encoding adds is not part of the text), with or without the BOS that /tokenize adds."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(server_sp_model))
+    for add_special in (True, False):
+        ids = post(url, "/tokenize", {"content": text, "add_special": add_special}).json()["tokens"]
+        got = post(url, "/detokenize", {"tokens": ids}).json()["content"]
+        assert got == sp.decode(ids) == text, (add_special, ids)
 
 
 def test_embeddings(url):
@@ -350,3 +365,139 @@ def test_body_size_limit(url):
     r = httpx.post(url + "/v1/chat/completions", content=chunks(), timeout=30,
                    headers={"content-type": "application/json"})
     assert_error(r, 413, "request_too_large")
+
+
+# --------------------------------------------------------------------------------------------- fields
+
+
+def test_unknown_fields_are_400_naming_the_field(url):
+    """Issue 14 item 11: a typo is not silently ignored."""
+    err = assert_error(chat(url, temprature=0.2), 400, "unknown_parameter", "temprature")
+    assert "temperature" in err["message"]  # did you mean
+    assert_error(post(url, "/v1/completions", {"prompt": "x", "max_token": 3}), 400,
+                 "unknown_parameter", "max_token")
+    assert_error(post(url, "/v1/embeddings", {"input": "x", "encodingformat": "float"}), 400,
+                 "unknown_parameter", "encodingformat")
+    nested = {"model": "tiny", "messages": [{"role": "user", "content": "x", "contnet": "y"}]}
+    assert_error(post(url, "/v1/chat/completions", nested), 400, "unknown_parameter",
+                 "messages.0.contnet")
+    assert_error(post(url, "/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "x"}],
+        "response_format": {"type": "json_schema", "json_schema": {"name": "a", "shema": {}}}}),
+        400, "unknown_parameter", "response_format.json_schema.shema")
+    assert_error(post(url, "/tokenize", {"content": "x", "with_piece": True}), 400, "unknown_parameter")
+
+
+def test_known_openai_and_llama_cpp_fields_are_accepted(url):
+    r = chat(url, max_tokens=2, store=False, metadata={"a": "b"}, service_tier="auto",
+             parallel_tool_calls=True, prompt_cache_key="k", cache_prompt=True, id_slot=0,
+             mirostat=0, mirostat_tau=5.0, tfs_z=1.0, n_keep=0)
+    assert r.status_code == 200, r.text
+    # llama.cpp extensions that we implement
+    base = {"model": "tiny", "prompt": "Once", "temperature": 0, "logit_bias": NO_EOS}
+    plain = post(url, "/v1/completions", {**base, "max_tokens": 5}).json()
+    by_n_predict = post(url, "/v1/completions", {k: v for k, v in base.items()} | {"n_predict": 5}).json()
+    assert by_n_predict["choices"][0]["text"] == plain["choices"][0]["text"]
+    assert by_n_predict["usage"]["completion_tokens"] == 5
+    g = post(url, "/v1/completions", {**base, "max_tokens": 20, "grammar": 'root ::= "yes" | "no"'}).json()
+    assert g["choices"][0]["text"] in ("yes", "no") and g["choices"][0]["finish_reason"] == "stop"
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    j = post(url, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                           "json_schema": schema, "max_tokens": 40, "temperature": 0}).json()
+    assert isinstance(json.loads(j["choices"][0]["message"]["content"])["a"], int)
+
+
+@pytest.mark.parametrize("field,value", [("mirostat", 2), ("tfs_z", 0.5), ("dry_multiplier", 0.8),
+                                         ("ignore_eos", True), ("n_probs", 3), ("modalities", ["audio"]),
+                                         ("lora", [{"id": 0, "scale": 1.0}])])
+def test_known_but_unimplemented_fields_say_so(url, field, value):
+    err = assert_error(chat(url, **{field: value}), 400, "unsupported_parameter", field)
+    assert "not supported" in err["message"]
+
+
+def test_tools_and_two_constraints_are_refused_with_codes(url):
+    assert_error(chat(url, tools=[{"type": "function", "function": {"name": "f"}}]), 400,
+                 "unsupported_parameter", "tools")
+    assert_error(chat(url, grammar='root ::= "a"', response_format={"type": "json_object"}), 400,
+                 "invalid_value")
+    assert_error(post(url, "/v1/completions", {"prompt": "x", "echo": True, "logprobs": 1}), 400,
+                 "unsupported_parameter", "echo")
+
+
+# --------------------------------------------------------------------------------------------- /docs
+
+
+def _undocumented_keys(value, schema: dict, spec: dict, path: str = "") -> list[str]:
+    """Keys of ``value`` that the OpenAPI ``schema`` does not declare (following $ref, anyOf, items)."""
+    while "$ref" in schema:
+        schema = spec["components"]["schemas"][schema["$ref"].rsplit("/", 1)[-1]]
+    if "anyOf" in schema or "oneOf" in schema:
+        options = schema.get("anyOf", []) + schema.get("oneOf", [])
+        results = [_undocumented_keys(value, o, spec, path) for o in options
+                   if _type_fits(value, o, spec)]
+        return min(results, key=len) if results else [f"{path} (no matching type)"]
+    missing = []
+    if isinstance(value, dict):
+        props = schema.get("properties")
+        if props is None:
+            return [] if schema.get("additionalProperties") is not False else [path]
+        for k, v in value.items():
+            if k not in props:
+                missing.append(f"{path}.{k}")
+            else:
+                missing += _undocumented_keys(v, props[k], spec, f"{path}.{k}")
+    elif isinstance(value, list) and "items" in schema:
+        for i, v in enumerate(value):
+            missing += _undocumented_keys(v, schema["items"], spec, f"{path}[{i}]")
+    return missing
+
+
+def _type_fits(value, schema: dict, spec: dict) -> bool:
+    while "$ref" in schema:
+        schema = spec["components"]["schemas"][schema["$ref"].rsplit("/", 1)[-1]]
+    t = schema.get("type")
+    kinds = {"object": dict, "array": list, "string": str, "null": type(None), "boolean": bool,
+             "integer": int, "number": (int, float)}
+    return t is None or isinstance(value, kinds[t])
+
+
+def test_openapi_documents_every_key_the_server_sends(url):
+    """Issue 9 item 7: responses and stream chunks are the protocol models, so /docs is true."""
+    spec = httpx.get(url + "/openapi.json").json()
+
+    def response_schema(path: str, media: str = "application/json") -> dict:
+        return spec["paths"][path]["post"]["responses"]["200"]["content"][media]["schema"]
+
+    chat_body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
+                 "logprobs": True, "top_logprobs": 2, "n": 2}
+    comp_body = {"model": "tiny", "prompt": "hi", "max_tokens": 3, "logprobs": 2, "echo": False}
+    checks = [
+        (post(url, "/v1/chat/completions", chat_body).json(), response_schema("/v1/chat/completions")),
+        (post(url, "/v1/completions", comp_body).json(), response_schema("/v1/completions")),
+        (post(url, "/v1/embeddings", {"input": ["a", "b"]}).json(), response_schema("/v1/embeddings")),
+        (post(url, "/tokenize", {"content": "a", "with_pieces": True}).json(), response_schema("/tokenize")),
+    ]
+    for path, body in (("/v1/chat/completions", chat_body), ("/v1/completions", comp_body)):
+        status, events = stream_post(url + path, {**body, "stream": True,
+                                                   "stream_options": {"include_usage": True}})
+        assert status == 200 and events[-1] == "[DONE]"
+        checks += [(e, response_schema(path, "text/event-stream")) for e in events[:-1]]
+    chat_response = checks[0][0]
+    assert chat_response["choices"][0]["message"]["refusal"] is None  # sent, and now documented
+    for value, schema in checks:
+        assert _undocumented_keys(value, schema, spec) == [], value
+    # and the typed models accept what was sent
+    from cllama_deploy.engine import schemas
+
+    schemas.ChatCompletion.model_validate(checks[0][0])
+    schemas.Completion.model_validate(checks[1][0])
+    schemas.EmbeddingResponse.model_validate(checks[2][0])
+
+
+def test_openapi_lists_the_400_not_fastapis_422(url):
+    spec = httpx.get(url + "/openapi.json").json()
+    for path, operations in spec["paths"].items():
+        for op in operations.values():
+            assert "422" not in op["responses"], path
+    assert "HTTPValidationError" not in spec["components"]["schemas"]
+    assert "400" in spec["paths"]["/v1/chat/completions"]["post"]["responses"]

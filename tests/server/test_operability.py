@@ -116,13 +116,40 @@ def test_health_503_while_loading(tiny_gguf_path):
         r = httpx.post(srv.url + "/v1/chat/completions", json=CHAT, timeout=30)
         assert r.status_code == 503 and r.json()["error"]["code"] == "model_loading"
         assert httpx.get(srv.url + "/v1/models").status_code == 503
+        from cllama_deploy.engine.registry import RegistryState
+
+        assert srv.app.state.registry.state is RegistryState.LOADING
         gate.set()
         assert bs.wait_until(lambda: httpx.get(srv.url + "/health").status_code == 200)
+        assert srv.app.state.registry.state is RegistryState.READY
         r = httpx.post(srv.url + "/v1/chat/completions", json={**CHAT, "model": "late"}, timeout=30)
         assert r.status_code == 200
     finally:
         gate.set()
         srv.stop()
+
+
+def test_models_that_failed_to_load_are_500_without_retry(tmp_path):
+    """An app built with loaders keeps a 'failed' state (the `serve` command exits instead): it is
+    not 503-with-Retry-After, since retrying cannot help until the file is fixed."""
+    from cllama_deploy.engine.registry import RegistryState
+
+    def loader():
+        return bs.load_engine(tmp_path / "missing.gguf")
+
+    app_srv = bs.make_server(Settings(), None, loaders=[loader])
+    try:
+        registry = app_srv.app.state.registry
+        assert bs.wait_until(lambda: registry.state is not RegistryState.LOADING)
+        assert registry.state is RegistryState.FAILED and registry.state.value == "failed"
+        r = httpx.get(app_srv.url + "/health")
+        assert r.status_code == 500 and r.json()["status"] == "failed" and "missing.gguf" in r.json()["error"]
+        assert "retry-after" not in r.headers
+        r = httpx.post(app_srv.url + "/v1/chat/completions", json=CHAT, timeout=30)
+        assert r.status_code == 500 and r.json()["error"]["code"] == "model_load_failed"
+        assert "retry-after" not in r.headers
+    finally:
+        app_srv.stop()
 
 
 def test_fifty_concurrent_requests_none_lost(url):
