@@ -68,25 +68,21 @@ class KVTree:
 
         ``among`` restricts the owners considered. Returns ``(None, 0)`` when nothing matches.
         """
-        node, pos = self._root, 0
         best: tuple[Optional[int], int] = (None, 0)
-        while pos < len(tokens):
-            step = None
+        todo = [(self._root, 0)]  # runs with equal tokens may exist side by side: try them all
+        while todo:
+            node, pos = todo.pop()
+            if pos >= len(tokens):
+                continue
             for child in node.children:
                 owners = child.refs if among is None else child.refs & among
                 if not owners or child.tokens[0] != tokens[pos]:
                     continue
                 n = _common(child.tokens, tokens, pos)
-                if step is None or n > step[1]:
-                    step = (child, n, owners)
-            if step is None:
-                break
-            child, n, owners = step
-            pos += n
-            best = (min(owners), pos)
-            if n < len(child.tokens):
-                break
-            node = child
+                if pos + n > best[1]:
+                    best = (min(owners), pos + n)
+                if n == len(child.tokens):
+                    todo.append((child, pos + n))
         return best
 
     def exclusive_cells(self, seq_id: int) -> int:

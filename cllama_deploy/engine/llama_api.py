@@ -115,14 +115,14 @@ class Model:
         self.metadata = self._metadata()
         self._closed = False
 
-    def kv_bytes_per_token(self) -> int:
-        """Bytes one KV cell takes with llama.cpp's default f16 K and V caches."""
+    def kv_bytes_per_token(self, kv_type: str = "f16") -> int:
+        """Bytes one KV cell takes (K and V of every layer)."""
         lc = _lib()
         n_layer = int(lc.llama_model_n_layer(self.ptr))
         n_head = max(1, int(lc.llama_model_n_head(self.ptr)))
         n_head_kv = int(lc.llama_model_n_head_kv(self.ptr))
         head_dim = self.n_embd // n_head
-        return 2 * 2 * n_layer * n_head_kv * head_dim
+        return 2 * (4 if kv_type == "f32" else 2) * n_layer * n_head_kv * head_dim
 
     def _piece(self, token_id: int, special: bool = False) -> bytes:
         lc = _lib()
@@ -243,6 +243,11 @@ class DecodeError(RuntimeError):
     pass
 
 
+# K/V cache element types (ggml_type ids). f16 is llama.cpp's default; f32 doubles the cache's
+# memory and matches an f32 model's reference logits to ~1e-5 instead of ~1e-2 on small models.
+KV_TYPES = {"f32": 0, "f16": 1}
+
+
 class Context:
     """A llama.cpp context: the KV memory all sequences share, decoding, and per-row outputs.
 
@@ -252,7 +257,8 @@ class Context:
     """
 
     def __init__(self, model: Model, *, n_ctx: int, n_batch: int, n_ubatch: Optional[int] = None,
-                 n_seq_max: int = 1, n_threads: int = 1, embeddings: bool = False):
+                 n_seq_max: int = 1, n_threads: int = 1, embeddings: bool = False,
+                 kv_type: str = "f16"):
         lc = _lib()
         p = lc.llama_context_default_params()
         p.n_ctx = n_ctx
@@ -262,6 +268,7 @@ class Context:
         p.n_threads = n_threads
         p.n_threads_batch = n_threads
         p.kv_unified = True
+        p.type_k = p.type_v = KV_TYPES[kv_type]
         p.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
         p.no_perf = True
         if embeddings:

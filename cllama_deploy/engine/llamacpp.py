@@ -58,6 +58,7 @@ class LlamaCppConfig:
         parallel: slots: sequences decoded together in each step (choices of ``n > 1`` use one each).
         prefix_cache: reuse the KV of prompt prefixes shared with running or finished sequences.
         prefill_chunk: most prompt tokens per step while other sequences generate.
+        kv_cache_type: element type of the KV cache, ``f16`` (llama.cpp's default) or ``f32``.
     """
 
     model_path: str = field(metadata={"help": "GGUF file.", "argument": True})
@@ -81,6 +82,9 @@ class LlamaCppConfig:
         "flag": "--prefix-cache/--no-prefix-cache"})
     prefill_chunk: int = field(default=DEFAULT_PREFILL_CHUNK, metadata={
         "help": "Most prompt tokens decoded per step while other sequences are generating."})
+    kv_cache_type: str = field(default="f16", metadata={
+        "help": "KV cache element type: f16, or f32 (twice the memory; reference-exact logits).",
+        "choices": ("f16", "f32")})
 
     def __post_init__(self) -> None:
         path = Path(self.model_path)
@@ -103,6 +107,8 @@ class LlamaCppConfig:
             raise ConfigError(f"--parallel must be between 1 and 64, got {self.parallel}")
         if self.prefill_chunk < 1:
             raise ConfigError(f"--prefill-chunk must be >= 1, got {self.prefill_chunk}")
+        if self.kv_cache_type not in ("f16", "f32"):
+            raise ConfigError(f"--kv-cache-type must be f16 or f32, got {self.kv_cache_type!r}")
         if self.chat_template is not None:
             from cllama_deploy import prompts
 
@@ -113,12 +119,14 @@ class Runner:
     """What the scheduler's worker needs from llama.cpp: the context, the model, samplers and the
     embedding context (created on first use)."""
 
-    def __init__(self, model, context, *, n_ctx: int, n_threads: int):
+    def __init__(self, model, context, *, n_ctx: int, n_threads: int, kv_type: str = "f16"):
         self.model = model
+        self.kv_type = kv_type
         self.context = context
         self.n_ctx = n_ctx
         self.n_threads = n_threads
         self._embed_ctx = None
+        self._embed_lock = threading.Lock()
 
     def make_sampler(self, p: SamplingParams):
         from cllama_deploy.engine.llama_api import Sampler
@@ -130,16 +138,24 @@ class Runner:
                        logit_bias={int(k): float(v) for k, v in p.logit_bias.items()},
                        grammar=p.grammar)
 
+    def embedding_context(self):
+        """The mean-pooling context on the same weights (created on first use)."""
+        from cllama_deploy.engine import llama_api
+
+        with self._embed_lock:
+            if self._embed_ctx is None:
+                n = self.n_ctx
+                self._embed_ctx = llama_api.Context(
+                    self.model, n_ctx=n, n_batch=n, n_ubatch=n,
+                    n_seq_max=min(64, llama_api.max_sequences()), n_threads=self.n_threads,
+                    embeddings=True, kv_type=self.kv_type)
+            return self._embed_ctx
+
     def embed(self, inputs: list[list[int]], cancelled) -> Optional[list[list[float]]]:
         from cllama_deploy.engine import llama_api
 
-        if self._embed_ctx is None:
-            n = self.n_ctx
-            self._embed_ctx = llama_api.Context(
-                self.model, n_ctx=n, n_batch=n, n_ubatch=n,
-                n_seq_max=min(64, llama_api.max_sequences()), n_threads=self.n_threads,
-                embeddings=True)
-        return llama_api.embed_batches(self._embed_ctx, inputs, self.model.n_embd, cancelled)
+        return llama_api.embed_batches(self.embedding_context(), inputs, self.model.n_embd,
+                                       cancelled)
 
     def close(self) -> None:
         if self._embed_ctx is not None:
@@ -179,12 +195,13 @@ class LlamaCppEngine:
         try:
             self.context = llama_api.Context(
                 model, n_ctx=self.n_ctx * config.parallel, n_batch=n_batch, n_seq_max=n_seq_max,
-                n_threads=self.n_threads)
+                n_threads=self.n_threads, kv_type=config.kv_cache_type)
         except llama_api.ModelLoadError as exc:
             model.close()
             raise InputError(f"{exc}: not enough memory for --parallel {config.parallel} × --n-ctx "
                              f"{self.n_ctx}; lower one of them") from exc
-        self._runner = Runner(model, self.context, n_ctx=self.n_ctx, n_threads=self.n_threads)
+        self._runner = Runner(model, self.context, n_ctx=self.n_ctx, n_threads=self.n_threads,
+                              kv_type=config.kv_cache_type)
         self.scheduler = BatchScheduler(
             self._runner, parallel=config.parallel, max_queue=config.max_queue, n_ctx=self.n_ctx,
             n_batch=n_batch, prefill_chunk=config.prefill_chunk, prefix_cache=config.prefix_cache,
@@ -196,7 +213,8 @@ class LlamaCppEngine:
                  "(%.0f MiB), n_vocab=%d, threads=%d, prefix cache %s, chat template from %s",
                  config.model_id, self.n_ctx, model.n_ctx_train, config.parallel,
                  self.n_ctx * config.parallel,
-                 self.n_ctx * config.parallel * model.kv_bytes_per_token() / 2**20, self.n_vocab,
+                 self.n_ctx * config.parallel * model.kv_bytes_per_token(config.kv_cache_type) / 2**20,
+                 self.n_vocab,
                  self.n_threads, "on" if config.prefix_cache else "off",
                  self.info.chat_template_source)
 
@@ -363,6 +381,11 @@ class LlamaCppEngine:
 
             raise EngineError("embedding was cancelled")
         return result
+
+    @property
+    def embedding_context(self):
+        """The llama.cpp context embeddings decode in (its ``decode_hook`` sees their decodes)."""
+        return self._runner.embedding_context()
 
     # -- state -----------------------------------------------------------------------------------
     def stats(self) -> dict:

@@ -488,8 +488,8 @@ class BatchScheduler:
             if f.state is State.FOLLOWING and f.leader is leader and f.follow_len >= f.n_prompt:
                 self.ctx.seq_cp(leader.seq_id, f.seq_id, 0, leader.n_prompt)
                 self._tree.fork(f.seq_id, leader.seq_id, leader.n_prompt)
-                f.n_past = f.n_prompt
-                f.cached_tokens = leader.cached_tokens
+                f.n_past = f.cached_tokens = f.n_prompt
+                self._count_cached(f.n_prompt)
                 f.state, f.leader = State.DECODE, None
                 with self._cond:
                     self.completion_tokens += self._sample(f, idx, model)

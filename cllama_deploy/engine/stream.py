@@ -106,9 +106,11 @@ class ChunkStream:
             while not self._items:
                 remaining = self._remaining()
                 if remaining is not None and remaining <= 0:
-                    raise self._timeout()
+                    break
                 self._cond.wait(remaining)
-            item = self._items.popleft()
+            item = self._items.popleft() if self._items else None
+        if item is None:
+            raise self._timeout()  # outside the lock: cancelling ends the stream through put()
         return self._take(item)
 
     def __aiter__(self):

@@ -5,32 +5,65 @@ from __future__ import annotations
 from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class _EngineCollector:
-    """Reads queue depth, running jobs and cancellations from the engines at scrape time."""
+    """Reads each engine's ``stats()`` at scrape time: slots, queue, cancellations, the prefix cache
+    (prompt tokens served from it vs computed), KV cells, and the batch size of each decode step."""
+
+    GAUGES = (
+        ("queue_depth", "cllama_queue_depth", "Requests waiting for a free slot"),
+        ("running", "cllama_requests_running", "Sequences generating now (slots in use)"),
+        ("slots_used", "cllama_slots_used", "Slots in use (sequences being decoded)"),
+        ("slots_total", "cllama_slots_total", "Slots (--parallel)"),
+        ("kv_cells_used", "cllama_kv_cells_used", "KV cache cells holding tokens (shared cells once)"),
+        ("kv_cells_total", "cllama_kv_cells_total", "KV cache cells (--parallel x --n-ctx)"),
+        ("prefix_cache_entries", "cllama_prefix_cache_entries",
+         "Finished sequences kept in the KV cache for prefix reuse"),
+    )
+    COUNTERS = (
+        ("cancelled", "cllama_generations_cancelled",
+         "Generations stopped because the client went away"),
+        ("prompt_tokens_cached", "cllama_prompt_tokens_cached",
+         "Prompt tokens whose KV was reused from the prefix cache instead of computed"),
+        ("prompt_tokens_computed", "cllama_prompt_tokens_computed", "Prompt tokens decoded"),
+        ("steps", "cllama_decode_steps", "llama_decode calls of the batching scheduler"),
+    )
+    HISTOGRAMS = (
+        ("step_sequences", "cllama_step_sequences", "Sequences carried by each decode step"),
+        ("step_tokens", "cllama_step_tokens", "Tokens carried by each decode step"),
+    )
 
     def __init__(self, engines: Callable[[], list]):
         self._engines = engines
 
     def collect(self):
-        queue = GaugeMetricFamily("cllama_queue_depth", "Requests waiting for the model", labels=["model"])
-        running = GaugeMetricFamily("cllama_requests_running", "Requests generating now",
-                                    labels=["model"])
-        cancelled = CounterMetricFamily("cllama_generations_cancelled",
-                                        "Generations stopped because the client went away",
-                                        labels=["model"])
+        gauges = {key: GaugeMetricFamily(name, doc, labels=["model"]) for key, name, doc in self.GAUGES}
+        counters = {key: CounterMetricFamily(name, doc, labels=["model"])
+                    for key, name, doc in self.COUNTERS}
+        hists = {key: HistogramMetricFamily(name, doc, labels=["model"])
+                 for key, name, doc in self.HISTOGRAMS}
         for engine in self._engines():
             stats = engine.stats()
-            queue.add_metric([engine.info.id], stats.get("queue_depth", 0))
-            running.add_metric([engine.info.id], stats.get("running", 0))
-            cancelled.add_metric([engine.info.id], stats.get("cancelled", 0))
-        yield queue
-        yield running
-        yield cancelled
+            model = [engine.info.id]
+            for key, family in gauges.items():
+                family.add_metric(model, stats.get(key, 0))
+            for key, family in counters.items():
+                family.add_metric(model, stats.get(key, 0))
+            for key, family in hists.items():
+                h = stats.get(key)
+                if h:
+                    family.add_metric(model, [(_le(b), c) for b, c in h["buckets"]], h["sum"])
+        yield from gauges.values()
+        yield from counters.values()
+        yield from hists.values()
+
+
+def _le(bound: float) -> str:
+    return "+Inf" if bound == float("inf") else str(float(bound))
 
 
 class Metrics:
