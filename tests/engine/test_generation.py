@@ -17,7 +17,7 @@ from cllama_deploy.engine import (
     RequestTimeout,
     SamplingParams,
 )
-from tests.engine.helpers import NEAR_TIE, consume, first_difference, random_prompt
+from tests.engine.helpers import consume, first_difference, random_prompt
 from tests.server import builders_server as bs
 
 GREEDY = dict(temperature=0.0, logit_bias={2: -100.0})
