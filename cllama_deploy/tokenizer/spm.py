@@ -102,16 +102,3 @@ def model_type_name(proto) -> str:
 
 def piece_type_name(value: int) -> str:
     return PIECE_TYPE_NAMES.get(value, str(value))
-
-
-def describe(proto) -> dict:
-    """Small summary used in reports and errors."""
-    ns = proto.normalizer_spec
-    return {
-        "pieces": len(proto.pieces),
-        "model_type": model_type_name(proto),
-        "normalizer": ns.name or "custom",
-        "add_dummy_prefix": ns.add_dummy_prefix,
-        "remove_extra_whitespaces": ns.remove_extra_whitespaces,
-        "byte_fallback": proto.trainer_spec.byte_fallback,
-    }

@@ -6,6 +6,9 @@ sentencepiece and numpy (the other venv has no cllama_deploy), never passes ``tr
 
     python transformers_probe.py JOB.json  ->  JSON on stdout
 
+Per tokenizer and mode: lines whose ids differ from ``[bos] + sp.encode(line)`` (``mismatches``) and whose
+``decode(sp.encode(line))`` differs from ``sp.decode`` (``decode_mismatches``).
+
 JOB: ``{"tokenizers": [{"dir", "modes": [...], "lines": FILE, "chat": [messages]}],
 "models": [{"dir", "ids": [[int]], "out": FILE.npy}]}``. Modes: ``auto`` (AutoTokenizer defaults),
 ``auto_slow`` (``use_fast=False``), ``llama`` (``LlamaTokenizer.from_pretrained``: slow on 4.x),
@@ -48,15 +51,18 @@ def probe_tokenizer(job: dict) -> dict:
         except Exception as exc:  # noqa: BLE001 - a failed load is a result here
             out[mode] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
             continue
-        bad, example = 0, None
+        bad, bad_decode, example = 0, 0, None
         for line in lines:
-            want = [sp.bos_id()] + sp.encode(line)
+            ids = sp.encode(line)
+            want = [sp.bos_id()] + ids
             got = list(tok(line)["input_ids"])
             if got != want:
                 bad += 1
                 if example is None:
                     example = {"line": line[:60], "sentencepiece": want[:12], "hf": got[:12]}
+            bad_decode += tok.decode(ids) != sp.decode(ids)
         res = {"class": type(tok).__name__, "lines": len(lines), "mismatches": bad, "example": example,
+               "decode_mismatches": bad_decode,
                "load_seconds": round(seconds, 3), "len": len(tok), "pad_token": tok.pad_token,
                "pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
         if job.get("chat"):
