@@ -21,7 +21,6 @@ import argparse
 import gzip
 import json
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,8 +33,8 @@ sys.path.insert(0, str(ROOT))
 from debian_text import clean_fortune_file, debian_texts  # noqa: E402
 
 from tests.tokenizer.venv4 import TRANSFORMERS4, transformers4_python, venv_dir  # noqa: E402
+from tests.tokenizer.venv4 import run_probe as probe  # noqa: E402
 
-PROBE = ROOT / "tests" / "tokenizer" / "transformers_probe.py"
 SHA = {"chinese-llama": "e2676d4ca29ca1750f6ff203328d73b189321dc5776ceede037cbd36541d70c0",
        "chinese-alpaca": "2d967e855b1213a439df6c8ce2791f869c84b4f3b6cfacf22b86440b8192a2f8"}
 OLDEST = ("4.31.0", ("numpy<2", "huggingface-hub==0.16.4", "tokenizers==0.13.3"))
@@ -52,18 +51,6 @@ def texts(work: Path) -> dict[str, Path]:
     for name in ("tang300", "song100", "chinese"):
         out[name] = clean_fortune_file(src[name], work / f"{name}.txt")
     return out
-
-
-def probe(python: Path | str, job: dict, work: Path) -> dict:
-    spec = work / "job.json"
-    spec.write_text(json.dumps(job, ensure_ascii=False), encoding="utf-8")
-    run = subprocess.run([str(python), str(PROBE), str(spec)], capture_output=True, text=True,
-                         env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                              "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
-                              "TRANSFORMERS_VERBOSITY": "error"})
-    if run.returncode:
-        raise SystemExit(f"probe failed under {python}:\n{run.stderr[-3000:]}")
-    return json.loads(run.stdout)
 
 
 def merge_tokenizers(data: Path, work: Path) -> dict[tuple[str, str], Path]:

@@ -9,9 +9,7 @@ The 4.x venv is built once per machine (~45 s from the pip cache) and reused; th
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,21 +18,9 @@ from cllama_deploy.prompts import build_prompt
 from cllama_deploy.tokenizer.hf import remote_code_references
 from cllama_deploy.tokenizer.spm import processor
 from tests.tokenizer.conftest import mixed_lines
-from tests.tokenizer.venv4 import TRANSFORMERS4, transformers4_python
+from tests.tokenizer.venv4 import TRANSFORMERS4, run_probe, transformers4_python
 
-PROBE = Path(__file__).with_name("transformers_probe.py")
 CHAT = [{"role": "user", "content": "用一句话介绍长城"}]
-
-
-def probe(python: Path | str, job: dict, work: Path) -> dict:
-    spec = work / f"job-{abs(hash(str(python))) % 10**8}.json"
-    spec.write_text(json.dumps(job, ensure_ascii=False), encoding="utf-8")
-    run = subprocess.run([str(python), str(PROBE), str(spec)], capture_output=True, text=True, timeout=600,
-                         env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                              "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
-                              "TRANSFORMERS_VERBOSITY": "error"})
-    assert run.returncode == 0, run.stderr[-3000:]
-    return json.loads(run.stdout)
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +100,7 @@ def test_transformers4_tokenizer_exact_the_documented_way(tf4, tokenizer_dirs, m
     jobs = [{"dir": str(d), "modes": ["auto", "auto_slow", "llama"], "lines": str(heldout), "chat": CHAT}
             for d in dirs]
     jobs.append({"dir": str(tokenizer_dirs["transformers5"]), "modes": ["auto"], "lines": str(heldout)})
-    result = probe(tf4, {"tokenizers": jobs}, tmp_path)
+    result = run_probe(tf4, {"tokenizers": jobs}, tmp_path)
     assert result["transformers"] == TRANSFORMERS4
     lines = len(heldout.read_text(encoding="utf-8").splitlines())
     for d, res in zip(dirs, result["tokenizers"]):
@@ -140,7 +126,7 @@ def test_transformers5_reads_both_targets(tokenizer_dirs, merged_models, heldout
             {"dir": str(merged_models["transformers5"]), "modes": ["auto"], "lines": str(heldout)},
             {"dir": str(tokenizer_dirs["transformers4"]), "modes": ["sentencepiece_backend", "auto"],
              "lines": str(heldout), "chat": CHAT}]
-    result = probe(sys.executable, {"tokenizers": jobs}, tmp_path)
+    result = run_probe(sys.executable, {"tokenizers": jobs}, tmp_path)
     assert result["transformers"].startswith("5.")
     for res, mode in zip(result["tokenizers"], ("auto", "auto", "sentencepiece_backend")):
         assert res[mode]["class"] == "SentencePieceBackend" and res[mode]["mismatches"] == 0, res[mode]
@@ -156,8 +142,8 @@ def test_same_logits_on_transformers4_and_5(tf4, merged_models, heldout, tmp_pat
     ids = [[sp.bos_id()] + sp.encode(t)[:40] for t in texts]
     assert max(max(i) for i in ids) >= processor(base_sp_model).get_piece_size()  # rows the PT LoRA added
     out4, out5 = tmp_path / "l4.npy", tmp_path / "l5.npy"
-    r4 = probe(tf4, {"models": [{"dir": str(d), "ids": ids, "out": str(out4)}]}, tmp_path)["models"][0]
-    r5 = probe(sys.executable, {"models": [{"dir": str(d), "ids": ids, "out": str(out5)}]}, tmp_path)["models"][0]
+    r4 = run_probe(tf4, {"models": [{"dir": str(d), "ids": ids, "out": str(out4)}]}, tmp_path)["models"][0]
+    r5 = run_probe(sys.executable, {"models": [{"dir": str(d), "ids": ids, "out": str(out5)}]}, tmp_path)["models"][0]
     assert r4["class"] == r5["class"] == "LlamaForCausalLM"
     assert r4["vocab_size"] == r5["vocab_size"] == sp.get_piece_size()
     assert r4["rope"]["rope_theta"] == 1e6  # read from the 4.x key the merge added

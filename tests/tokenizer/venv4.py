@@ -10,6 +10,7 @@ ends up with any other torch (a CUDA build) is refused and deleted, never used.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shutil
 import subprocess
@@ -20,6 +21,7 @@ TRANSFORMERS4 = "4.57.6"  # the newest 4.x: what vLLM < 0.19.1 and TGI run on
 TORCH = "2.13.0"
 PACKAGES = (f"torch=={TORCH}", f"transformers=={TRANSFORMERS4}", "sentencepiece", "protobuf")
 CACHE = Path(os.environ.get("CLLAMA_TF4_CACHE", Path.home() / ".cache" / "cllama-deploy"))
+PROBE = Path(__file__).with_name("transformers_probe.py")
 
 
 def venv_dir(transformers: str = TRANSFORMERS4) -> Path:
@@ -68,3 +70,20 @@ def transformers4_python(transformers: str = TRANSFORMERS4, extra: tuple[str, ..
             raise RuntimeError(f"could not build the transformers {transformers} venv: {problem}")
         partial.rename(target)
     return python
+
+
+def run_probe(python: Path | str, job: dict, work: Path) -> dict:
+    """Run transformers_probe.py on ``job`` under ``python`` (offline, one thread); its JSON result.
+
+    Raises:
+        RuntimeError: the probe failed (the message ends with its stderr).
+    """
+    spec = Path(work) / "probe-job.json"
+    spec.write_text(json.dumps(job, ensure_ascii=False), encoding="utf-8")
+    run = subprocess.run([str(python), str(PROBE), str(spec)], capture_output=True, text=True, timeout=1800,
+                         env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                              "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+                              "TRANSFORMERS_VERBOSITY": "error"})
+    if run.returncode:
+        raise RuntimeError(f"the probe failed under {python}:\n{run.stderr[-3000:]}")
+    return json.loads(run.stdout)
