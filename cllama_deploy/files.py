@@ -57,14 +57,14 @@ def atomic_path(path: str | os.PathLike, durable: bool = True) -> Iterator[Path]
 
 def check_replaceable_dir(path: str | os.PathLike, flag: str, owned: Callable[[str], bool], *, what: str,
                           marker: str | None = None, force: bool = False, force_flag: str | None = None,
-                          note: str = "it is replaced as a whole") -> None:
+                          replaces: bool = True) -> None:
     """Refuse an output directory that a stage would replace (:func:`atomic_dir`) or write into although it
     holds something else.
 
     ``path`` may be missing, empty, or one of the stage's own earlier outputs: every entry is a name the
     stage writes (``owned(name)``) and, with ``marker``, the stage's marker file is there (so another
-    program's output with the same file names is not taken for ours). ``force`` skips the check; ``note``
-    ends the message (what the stage does to the directory).
+    program's output with the same file names is not taken for ours). ``force`` skips the check.
+    ``replaces``: the stage replaces the directory as a whole (else it writes its files into it).
 
     Raises:
         ConfigError: naming ``flag``, a few of the foreign entries and the way out.
@@ -84,9 +84,11 @@ def check_replaceable_dir(path: str | os.PathLike, flag: str, owned: Callable[[s
         return
     held = (f"holds files that {what} did not write ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''})"
             if foreign else f"holds files that {what} did not write (no {marker})")
-    way = f"choose a new or empty directory, or pass {force_flag} to replace it" if force_flag else \
-        "choose a new or empty directory"
-    raise ConfigError(f"{flag} {out} {held}; {way} ({note})")
+    if replaces:
+        way = f", or pass {force_flag} to replace it" if force_flag else ""
+        raise ConfigError(f"{flag} {out} {held}; choose a new or empty directory{way} (it is replaced as a whole)")
+    way = f", or pass {force_flag} to write into it anyway (the other files stay)" if force_flag else ""
+    raise ConfigError(f"{flag} {out} {held}; choose a new or empty directory{way}")
 
 
 @contextlib.contextmanager

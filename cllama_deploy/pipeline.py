@@ -119,7 +119,7 @@ class DeployConfig:
                 raise ConfigError(f"--lora {lora}: no such directory; pass a PEFT adapter directory")
         # deploy writes its files into --out (and replaces NAME-hf/): a folder of someone else's is refused
         check_replaceable_dir(self.out, "--out", lambda name: True, what="deploy", marker=MANIFEST,
-                              force=self.force, force_flag="--force", note="deploy writes its files into it")
+                              force=self.force, force_flag="--force", replaces=False)
         self.name_derived = self.name is None
         if self.name is None:
             self.name = default_name(self.base, self.loras)
@@ -454,7 +454,10 @@ class Deployment:
         self._pending: list[tuple[FileRecord, Future]] = []  # outputs still being hashed
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
         self.peak_rss = 0
-        self.save()  # from here on a killed run leaves a manifest that says it is not complete
+        if not self.manifest_path.exists():
+            # a first run killed before its first step still leaves a manifest (complete: false), which
+            # marks the folder as deploy's; an earlier manifest is kept until the first step is recorded
+            self.save()
 
     # -- inputs and keys ---------------------------------------------------------------------------
     def _hash_inputs(self) -> None:
