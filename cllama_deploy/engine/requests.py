@@ -784,9 +784,10 @@ class Run:
             s.cancel()
 
     # -- one choice's events; the drivers below only differ in `for` / `async for` --------------
-    def _begin(self, k: int) -> list:
+    def _begin(self, k: int, emit: bool) -> list:
         self._text, self._ids, self._lps, self._final = [], [], [], None
-        return [self.prepared.chunk([c]) for c in self._out.opening(k, self.prepared.indexes[k])]
+        opening = self._out.opening(k, self.prepared.indexes[k])  # (keeps the output's state too)
+        return [self.prepared.chunk([c]) for c in opening] if emit else []
 
     def _feed(self, k: int, c: Chunk, stream: bool):
         self._text.append(c.text)
@@ -825,70 +826,62 @@ class Run:
         return CompletionUsage(prompt_tokens=p, completion_tokens=self.completion_tokens,
                                total_tokens=p + self.completion_tokens, prompt_tokens_details=details)
 
-    def _tail(self) -> list:
+    def _tail(self, emit: bool) -> list:
         self.done = True
-        return [self.prepared.chunk([], usage=self.usage())] if self.prepared.include_usage else []
+        if emit and self.prepared.include_usage:
+            return [self.prepared.chunk([], usage=self.usage())]
+        return []
 
     def response(self) -> Union[ChatCompletion, Completion]:
         """The whole response, once the run is done."""
         return self.prepared.response(self._choices, self.usage())
 
-    # -- drivers -------------------------------------------------------------------------------
-    async def chunks(self) -> AsyncIterator[Union[ChatCompletionChunk, CompletionChunk]]:
+    # -- drivers: the same steps with `async for` or `for`; emit=False only collects -----------
+    def chunks(self) -> AsyncIterator[Union[ChatCompletionChunk, CompletionChunk]]:
+        return self._achunks(True)
+
+    def iter_chunks(self) -> Iterator[Union[ChatCompletionChunk, CompletionChunk]]:
+        return self._chunks(True)
+
+    async def result(self) -> Union[ChatCompletion, Completion]:
+        async for _ in self._achunks(False):
+            pass
+        return self.response()
+
+    def result_sync(self) -> Union[ChatCompletion, Completion]:
+        for _ in self._chunks(False):
+            pass
+        return self.response()
+
+    async def _achunks(self, emit: bool):
         try:
             for k, stream in enumerate(self.streams):
-                for x in self._begin(k):
+                for x in self._begin(k, emit):
                     yield x
                 async for c in stream:
-                    x = self._feed(k, c, True)
+                    x = self._feed(k, c, emit)
                     if x is not None:
                         yield x
                 yield self._end(k)
-            for x in self._tail():
+            for x in self._tail(emit):
                 yield x
         finally:
             if not self.done:
                 self.cancel()
 
-    def iter_chunks(self) -> Iterator[Union[ChatCompletionChunk, CompletionChunk]]:
+    def _chunks(self, emit: bool):
         try:
             for k, stream in enumerate(self.streams):
-                yield from self._begin(k)
+                yield from self._begin(k, emit)
                 for c in stream:
-                    x = self._feed(k, c, True)
+                    x = self._feed(k, c, emit)
                     if x is not None:
                         yield x
                 yield self._end(k)
-            yield from self._tail()
+            yield from self._tail(emit)
         finally:
             if not self.done:
                 self.cancel()
-
-    async def result(self) -> Union[ChatCompletion, Completion]:
-        try:
-            for k, stream in enumerate(self.streams):
-                self._begin(k)
-                async for c in stream:
-                    self._feed(k, c, False)
-                self._end(k)
-            self._tail()
-        finally:
-            if not self.done:
-                self.cancel()
-        return self.response()
-
-    def result_sync(self) -> Union[ChatCompletion, Completion]:
-        try:
-            for k, stream in enumerate(self.streams):
-                self._begin(k)
-                for c in stream:
-                    self._feed(k, c, False)
-                self._end(k)
-            self._tail()
-        finally:
-            if not self.done:
-                self.cancel()
-        return self.response()
 
 
 def submit(engine: Engine, prepared: Prepared, *,

@@ -12,11 +12,16 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
-from cllama_deploy.engine.llamacpp import DEFAULT_PARALLEL, DEFAULT_PREFILL_CHUNK
+from cllama_deploy.engine.llamacpp import DEFAULT_PARALLEL, DEFAULT_PREFILL_CHUNK, LlamaCppConfig
 from cllama_deploy.engine.requests import SAMPLING_DEFAULT_KEYS, RequestConfig
 from cllama_deploy.errors import ConfigError
 
 _SAMPLING_KEYS = set(SAMPLING_DEFAULT_KEYS)
+
+
+def _engine_option(name: str) -> dict:
+    """The help and flag of an engine option, from :class:`LlamaCppConfig` (one place for both)."""
+    return dict(next(f for f in fields(LlamaCppConfig) if f.name == name).metadata)
 
 
 @dataclass
@@ -132,14 +137,9 @@ class Settings:
     sampling: dict[str, Any] = field(default_factory=lambda: default_sampling(), metadata={
         "help": "Defaults for the sampling parameters a request leaves out (a key left out here keeps "
                 "the engine's default shown).", "cli": False})
-    parallel: int = field(default=DEFAULT_PARALLEL, metadata={
-        "help": "Slots per model: sequences decoded together in each step (the KV cache holds "
-                "parallel × n_ctx tokens; n > 1 choices use one slot each)."})
-    prefix_cache: bool = field(default=True, metadata={
-        "help": "Reuse the KV cache of prompt prefixes shared with earlier or running requests.",
-        "flag": "--prefix-cache/--no-prefix-cache"})
-    prefill_chunk: int = field(default=DEFAULT_PREFILL_CHUNK, metadata={
-        "help": "Most prompt tokens decoded per step while other sequences are generating."})
+    parallel: int = field(default=DEFAULT_PARALLEL, metadata=_engine_option("parallel"))
+    prefix_cache: bool = field(default=True, metadata=_engine_option("prefix_cache"))
+    prefill_chunk: int = field(default=DEFAULT_PREFILL_CHUNK, metadata=_engine_option("prefill_chunk"))
     unknown_fields: str = field(default="error", metadata={
         "help": "A request field the server does not know: error (400 naming it) or warn (log it, "
                 "go on).", "choices": ("error", "warn")})
