@@ -14,7 +14,8 @@ the class from that one file): :data:`TARGETS` says what each choice gives.
 
 * ``transformers5`` (the default): ``"tokenizer_class": "SentencePieceBackend"``, a transformers 5
   class that ``AutoTokenizer`` resolves from the top-level namespace. Exact by default wherever it
-  loads; transformers 4.x cannot load it (a loud error, never a silent mis-tokenization).
+  loads; transformers 4.x's ``AutoTokenizer`` cannot load it (a loud error, never a silent
+  mis-tokenization), its ``LlamaTokenizer.from_pretrained`` (the seed's scripts) can, exactly.
 * ``transformers4``: ``"tokenizer_class": "LlamaTokenizer"``: loads on 4.x and 5.x. On 4.x the slow
   class (``use_fast=False``, vLLM's ``--tokenizer-mode slow``, the seed's scripts that call
   ``LlamaTokenizer`` directly) is exact; on 5.x only ``SentencePieceBackend.from_pretrained(DIR)`` is.
@@ -59,8 +60,9 @@ class HFTarget:
 TARGETS = {
     "transformers5": HFTarget(
         "transformers5", "SentencePieceBackend",
-        "transformers 5: AutoTokenizer encodes exactly like SentencePiece; transformers 4.x (vLLM < 0.19.1, "
-        "TGI, the seed's scripts) cannot load it: write it with --hf-target transformers4 for those"),
+        "transformers 5: AutoTokenizer encodes exactly like SentencePiece; transformers 4.x's AutoTokenizer "
+        "(vLLM < 0.19.1, TGI) cannot load it (its LlamaTokenizer.from_pretrained, which the seed's scripts call, "
+        "can): write it with --hf-target transformers4 for those"),
     "transformers4": HFTarget(
         "transformers4", "LlamaTokenizer",
         "transformers 4.x: exact with AutoTokenizer.from_pretrained(DIR, use_fast=False) (vLLM: "

@@ -124,8 +124,8 @@ def test_bad_sources_are_clear_errors(tmp_path, merged_dir):
         write_hf_tokenizer(tmp_path / "o", merged_dir, target="vllm")
 
 
-@pytest.mark.parametrize("target, says", [("transformers5", "transformers 4.x (vLLM < 0.19.1, TGI, the seed's "
-                                           "scripts) cannot load it"),
+@pytest.mark.parametrize("target, says", [("transformers5", "transformers 4.x's AutoTokenizer (vLLM < 0.19.1, TGI) "
+                                           "cannot load it"),
                                           ("transformers4", "AutoTokenizer.from_pretrained(DIR, use_fast=False)")])
 def test_tokenizer_merge_says_how_to_load_exactly(tmp_path, base_sp_model, zh_sp_model, capsys, target, says):
     from cllama_deploy.cli import main
