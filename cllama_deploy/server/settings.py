@@ -97,6 +97,7 @@ class Settings:
         parallel: slots per model: sequences decoded together in each llama.cpp step (``--parallel``).
         prefix_cache: reuse the KV of shared prompt prefixes (``--prefix-cache/--no-prefix-cache``).
         prefill_chunk: most prompt tokens per step while others generate (``--prefill-chunk``).
+        kv_cache_type: KV cache element type, ``f16`` or ``f32`` (``--kv-cache-type``).
         unknown_fields: ``error`` (400 naming an unknown request field) or ``warn`` (log and go on).
     """
 
@@ -140,6 +141,7 @@ class Settings:
     parallel: int = field(default=DEFAULT_PARALLEL, metadata=_engine_option("parallel"))
     prefix_cache: bool = field(default=True, metadata=_engine_option("prefix_cache"))
     prefill_chunk: int = field(default=DEFAULT_PREFILL_CHUNK, metadata=_engine_option("prefill_chunk"))
+    kv_cache_type: str = field(default="f16", metadata=_engine_option("kv_cache_type"))
     unknown_fields: str = field(default="error", metadata={
         "help": "A request field the server does not know: error (400 naming it) or warn (log it, "
                 "go on).", "choices": ("error", "warn")})
@@ -178,6 +180,8 @@ class Settings:
         _check_int("--prefill-chunk", self.prefill_chunk, 1)
         if not isinstance(self.prefix_cache, bool):
             raise ConfigError("--prefix-cache must be true or false")
+        if self.kv_cache_type not in ("f16", "f32"):
+            raise ConfigError(f"--kv-cache-type must be f16 or f32, got {self.kv_cache_type!r}")
         if self.unknown_fields not in ("error", "warn"):
             raise ConfigError(f"--unknown-fields must be error or warn, got {self.unknown_fields!r}")
         ids = [m.id or _default_id(m.path) for m in self.models]
@@ -199,7 +203,7 @@ class Settings:
                 chat_template=m.chat_template or self.chat_template, max_queue=self.max_queue,
                 embeddings=m.embeddings, parallel=m.parallel or self.parallel,
                 prefix_cache=self.prefix_cache if m.prefix_cache is None else m.prefix_cache,
-                prefill_chunk=self.prefill_chunk,
+                prefill_chunk=self.prefill_chunk, kv_cache_type=self.kv_cache_type,
             )
             for m in self.models
         ]
