@@ -140,3 +140,29 @@ def test_tokenizer_merge_says_how_to_load_exactly(tmp_path, base_sp_model, zh_sp
     assert main(["tokenizer", "merge", "--base", str(base_sp_model), "--add", str(zh_sp_model),
                  "--out", str(tmp_path / "x"), "--hf-target", "vllm"]) == 2
     assert "--hf-target 'vllm'" in capsys.readouterr().err
+
+
+def test_merge_of_a_seed_style_adapter_writes_an_exact_directory(tmp_path, base_sp_model, merged_pad_dir, mixed):
+    """`merge` of an adapter whose tokenizer files name LlamaTokenizer (as the seed's published adapters do)
+    gives our complete config, not a copy of the adapter's (transformers 5's inexact default)."""
+    from transformers import AutoTokenizer
+
+    from cllama_deploy.merge import MergeConfig, merge
+    from tests import builders
+    from tests.gguf import builders_gguf as bg
+    from tests.pipeline import builders_pipeline as bp
+
+    tok = merged_pad_dir / "tokenizer.model"
+    base = builders.make_tiny_llama(tmp_path / "base", bg.sp_size(base_sp_model), num_layers=1,
+                                    tokenizer_model=base_sp_model)
+    adapter = tmp_path / "sft_lora"
+    bp.make_lora(base, adapter, new_vocab=bg.sp_size(tok), tokenizer_model=tok)
+    (adapter / "tokenizer_config.json").write_text(json.dumps(SEED_CONFIG))
+    (adapter / "special_tokens_map.json").write_text(json.dumps({"pad_token": "[PAD]", "bos_token": "<s>"}))
+    out = merge(MergeConfig(base=base, loras=[adapter], out=tmp_path / "merged", show_progress=False)).out
+    cfg = _config(out)
+    assert cfg["tokenizer_class"] == "SentencePieceBackend" and cfg["pad_token"] == "[PAD]" and "auto_map" not in cfg
+    assert remote_code_references(out) == []
+    hf = AutoTokenizer.from_pretrained(str(out))
+    assert compare_with_sentencepiece(hf, out / "tokenizer.model", mixed)["mismatches"] == 0
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 2
