@@ -71,7 +71,6 @@ TARGETS = {
 }
 HF_TARGETS = tuple(TARGETS)
 DEFAULT_HF_TARGET = "transformers5"
-HF_TOKENIZER_CLASS = TARGETS[DEFAULT_HF_TARGET].tokenizer_class
 HF_TARGET_HELP = ("Which transformers the HF tokenizer files are for: transformers5 (SentencePieceBackend, exact "
                   "by default; 4.x cannot load it) or transformers4 (LlamaTokenizer; exact with use_fast=False).")
 
@@ -382,7 +381,14 @@ def remote_code_references(directory: str | os.PathLike) -> list[str]:
     """What in an HF directory would need ``trust_remote_code``: ``auto_map`` keys in its JSON configs and
     Python files. Empty for every directory we write (tested)."""
     d = Path(directory)
-    found = [f"{p.name}: auto_map" for p in sorted(d.glob("*.json")) if "auto_map" in _read_json(p)]
+    found = []
+    for p in sorted(d.glob("*.json")):
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # not a config transformers could read either
+        if isinstance(data, dict) and "auto_map" in data:
+            found.append(f"{p.name}: auto_map")
     return found + [f"{p.name}: Python code" for p in sorted(d.glob("*.py"))]
 
 
