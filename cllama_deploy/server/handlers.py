@@ -143,13 +143,10 @@ async def _drive_sse(request: Request, run: rl.Run) -> AsyncIterator[str]:
     last chunk), as OpenAI sends it.
     """
     rstate = request.state
-    include_usage = run.prepared.include_usage
+    exclude = None if run.prepared.include_usage else {"usage"}
     try:
         async for chunk in run.chunks():
-            data = chunk.model_dump(mode="json")
-            if not include_usage:
-                data.pop("usage", None)
-            yield _sse(data)
+            yield "data: " + chunk.model_dump_json(exclude=exclude) + "\n\n"
         yield "data: [DONE]\n\n"
     except (asyncio.CancelledError, GeneratorExit):
         rstate.disconnected = True
