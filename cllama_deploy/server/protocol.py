@@ -48,6 +48,8 @@ class TokenizeRequest(RequestModel):
     content: str = Field(..., description="Text to tokenize.")
     model: Optional[str] = None
     add_special: bool = Field(True, description="Add BOS as the model does for a prompt.")
+    parse_special: bool = Field(True, description="Read special-token text (`<s>`) as that token "
+                                "(llama.cpp server's field).")
     with_pieces: bool = Field(False, description="Also return each token's text.")
 
 

@@ -229,6 +229,10 @@ def test_tokenize_detokenize(url):
     plain = post(url, "/tokenize", {"content": "Hello 世界", "add_special": False}).json()["tokens"]
     assert plain == ids[1:]
     assert post(url, "/detokenize", {"tokens": plain}).json()["content"] == "Hello 世界"
+    special = post(url, "/tokenize", {"content": "<s>", "add_special": False}).json()["tokens"]
+    literal = post(url, "/tokenize", {"content": "<s>", "add_special": False,
+                                      "parse_special": False}).json()["tokens"]
+    assert special == [1] and 1 not in literal and len(literal) > 1
     assert_error(post(url, "/detokenize", {"tokens": [10**6]}), 400, "invalid_value", "tokens")
     assert_error(post(url, "/detokenize", {"tokens": [-1]}), 400)
 

@@ -21,7 +21,7 @@ router = APIRouter(tags=["Tokenizer"], responses=ERROR_RESPONSES)
 async def tokenize(body: TokenizeRequest, request: Request):
     engine = request.app.state.registry.get(body.model)
     rl.check_fields(body, request_config(request, engine), extensions=False)
-    tokens = engine.tokenize(body.content, add_bos=body.add_special, special=True)
+    tokens = engine.tokenize(body.content, add_bos=body.add_special, special=body.parse_special)
     if body.with_pieces:
         out = [{"id": t, "piece": engine.token_piece(t).decode("utf-8", errors="replace")}
                for t in tokens]
