@@ -39,7 +39,7 @@ from cllama_deploy.errors import ConfigError, InputError, require
 log = logging.getLogger("cllama_deploy.engine")
 
 DEFAULT_PARALLEL = 4
-DEFAULT_PREFILL_CHUNK = 64
+DEFAULT_PREFILL_CHUNK = 512
 
 
 @dataclass
@@ -57,7 +57,9 @@ class LlamaCppConfig:
         embeddings: serve /v1/embeddings (a second, mean-pooling context, created on first use).
         parallel: slots: sequences decoded together in each step (choices of ``n > 1`` use one each).
         prefix_cache: reuse the KV of prompt prefixes shared with running or finished sequences.
-        prefill_chunk: most prompt tokens per step while other sequences generate.
+        prefill_chunk: most prompt tokens per step while other sequences generate; the scheduler
+            takes fewer when more would make the step over 2x slower than the generating sequences'
+            step alone.
         kv_cache_type: element type of the KV cache, ``f16`` (llama.cpp's default) or ``f32``.
     """
 
@@ -81,7 +83,8 @@ class LlamaCppConfig:
         "help": "Reuse the KV cache of prompt prefixes shared with earlier or running requests.",
         "flag": "--prefix-cache/--no-prefix-cache"})
     prefill_chunk: int = field(default=DEFAULT_PREFILL_CHUNK, metadata={
-        "help": "Most prompt tokens decoded per step while other sequences are generating."})
+        "help": "Most prompt tokens per step while other sequences generate (fewer when they would "
+                "slow those sequences' step more than 2x)."})
     kv_cache_type: str = field(default="f16", metadata={
         "help": "KV cache element type: f16, or f32 (twice the memory; reference-exact logits).",
         "choices": ("f16", "f32")})

@@ -12,9 +12,12 @@ no free slot waits in a FIFO queue of at most ``max_queue`` WAITING requests; ru
 choices of a request that already has a slot do not count. ``max_queue=0`` means nothing may wait,
 but a free slot still serves at once.
 
-Prefill is chunked: while other sequences generate, a step carries at most ``prefill_chunk`` prompt
-tokens, so a long prompt joining slows the running streams' next tokens by a bounded amount instead
-of freezing them for the whole prompt. With nobody generating, a step takes up to ``n_batch``.
+Prefill is chunked: while other sequences generate, a step carries only as many prompt tokens as keep
+it within ``STEP_SLOWDOWN`` times a decode-only step (from running estimates of both costs; at least
+``MIN_PREFILL_CHUNK``, at most ``prefill_chunk``), so a long prompt joining slows the running streams'
+next tokens by a bounded factor instead of freezing them for the whole prompt, on a GPU (where prompt
+tokens are cheap: large chunks) as on one CPU core (where each costs nearly a decode step: small
+chunks). With nobody generating, a step takes up to ``n_batch``.
 
 KV budget (see docs/serving.md): the context holds ``parallel × n_ctx`` cells in one unified cache.
 A sequence reserves ``prompt + limit ≤ n_ctx`` cells when it starts, so every admitted sequence can
@@ -44,6 +47,11 @@ log = logging.getLogger("cllama_deploy.engine")
 # a concurrently prefilling prompt is worth waiting for when it computes at least this many more
 # prompt tokens we share than the KV already holds
 MIN_FOLLOW_TOKENS = 32
+# a step that carries prompt chunks beside generating sequences may take this many times as long as a
+# step of the generating sequences alone (the running streams' inter-token latency while a prompt joins)
+STEP_SLOWDOWN = 2.0
+MIN_PREFILL_CHUNK = 8
+EMA = 0.3
 HISTOGRAM_BOUNDS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 
 
@@ -93,7 +101,8 @@ class BatchScheduler:
         max_queue: requests that may wait for a slot.
         n_ctx: the per-sequence window; the KV budget is ``parallel * n_ctx`` cells.
         n_batch: most tokens in one ``llama_decode``.
-        prefill_chunk: most prompt tokens per step while other sequences generate.
+        prefill_chunk: most prompt tokens per step while other sequences generate (the cost model
+            usually allows fewer on CPUs).
         prefix_cache: keep finished sequences' KV and reuse shared prefixes across requests.
         cache_entries: most finished sequences kept for reuse.
     """
@@ -134,6 +143,8 @@ class BatchScheduler:
         self.step_tokens = Histogram()
         self.decode_seconds = 0.0
         self.step_seconds = 0.0
+        self._t_decode_step: Optional[float] = None  # seconds of a decode-only step (running mean)
+        self._t_prompt_token: Optional[float] = None  # seconds per prompt token in a step
         self._thread = threading.Thread(target=self._loop, name=f"cllama-{name}", daemon=True)
         self._thread.start()
 
@@ -424,7 +435,7 @@ class BatchScheduler:
         for seq in decoding:
             idx = batch.add_run(seq.seq_id, (seq.pending,), seq.n_past, logits_last=True)
             rows.append((seq, 1, idx))
-        budget = batch.room if not decoding else min(batch.room, self.prefill_chunk)
+        budget = batch.room if not decoding else min(batch.room, self._prefill_budget())
         for seq in self._running:
             if budget <= 0:
                 break
@@ -448,6 +459,7 @@ class BatchScheduler:
                 self._fail(seq, EngineError(f"generation failed inside llama.cpp: {exc}"))
             return
         t2 = time.monotonic()
+        self._learn_costs(t2 - t1, len(decoding), n_prefill)
         for seq, k, _ in rows:
             start = seq.n_past
             self._tree.extend(seq.seq_id, seq.prompt[start:start + k] if seq.state is State.PREFILL
@@ -470,6 +482,27 @@ class BatchScheduler:
             self.step_seconds += time.monotonic() - t0
         self.step_sequences.observe(len(rows))
         self.step_tokens.observe(batch.n)
+
+    def _prefill_budget(self) -> int:
+        """Prompt tokens a step may carry beside the generating sequences (see STEP_SLOWDOWN)."""
+        if self._t_decode_step is None or self._t_prompt_token is None:
+            return min(self.prefill_chunk, MIN_PREFILL_CHUNK)
+        k = int((STEP_SLOWDOWN - 1.0) * self._t_decode_step / max(self._t_prompt_token, 1e-9))
+        return max(min(MIN_PREFILL_CHUNK, self.prefill_chunk), min(k, self.prefill_chunk))
+
+    def _learn_costs(self, seconds: float, n_decode: int, n_prompt: int) -> None:
+        """Running means of a decode-only step's time and of one prompt token's time."""
+        def mean(old: Optional[float], new: float) -> float:
+            return new if old is None else (1 - EMA) * old + EMA * new
+
+        if n_prompt == 0:
+            self._t_decode_step = mean(self._t_decode_step, seconds)
+        elif n_decode == 0:
+            self._t_prompt_token = mean(self._t_prompt_token, seconds / n_prompt)
+        elif self._t_decode_step is not None:
+            extra = seconds - self._t_decode_step
+            if extra > 0:
+                self._t_prompt_token = mean(self._t_prompt_token, extra / n_prompt)
 
     def _sample(self, seq: Sequence, idx: int, model) -> int:
         token = seq.sampler.sample(self.ctx, idx)

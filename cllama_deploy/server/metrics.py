@@ -31,6 +31,9 @@ class _EngineCollector:
          "Prompt tokens whose KV was reused from the prefix cache instead of computed"),
         ("prompt_tokens_computed", "cllama_prompt_tokens_computed", "Prompt tokens decoded"),
         ("steps", "cllama_decode_steps", "llama_decode calls of the batching scheduler"),
+        ("decode_seconds", "cllama_decode_seconds", "Seconds spent inside llama_decode"),
+        ("step_seconds", "cllama_step_seconds",
+         "Seconds of whole scheduler steps (llama_decode + batching, sampling and streaming work)"),
     )
     HISTOGRAMS = (
         ("step_sequences", "cllama_step_sequences", "Sequences carried by each decode step"),

@@ -199,3 +199,38 @@ def test_sequences_filling_their_windows_never_fail_half_way(engine_gguf, prefix
         assert eng.stats()["kv_cells_used"] <= eng.stats()["kv_cells_total"]
     finally:
         eng.close(10)
+
+
+def test_a_long_prompt_joins_in_chunks_that_keep_running_streams_moving(engine_gguf):
+    """With every token costing the same (a decode hook sleeps 3 ms per token, far above the tiny
+    model's own cost), a step carrying a joining prompt's chunk stays within STEP_SLOWDOWN times the
+    running sequences' own step (or their step plus the minimum chunk)."""
+    from cllama_deploy.engine.scheduler import MIN_PREFILL_CHUNK, STEP_SLOWDOWN
+
+    eng = bs.load_engine(engine_gguf, n_ctx=1024, parallel=6)
+    steps: list[int] = []
+    gate = threading.Event()
+
+    def hook(n):
+        steps.append(n)
+        gate.wait(0.003 * n)
+
+    eng.context.decode_hook = hook
+    try:
+        rng = random.Random(4)
+        running = [eng.generate(GenerationRequest(random_prompt(rng, 6), SamplingParams(
+            temperature=0, max_tokens=300, logit_bias=dict(NO_EOS)))) for _ in range(4)]
+        heads = [next(iter(s)) for s in running]  # all four are generating
+        assert all(h.token_ids for h in heads)
+        mark = len(steps)
+        joined = consume(eng.generate(GenerationRequest(random_prompt(rng, 600), SamplingParams(
+            temperature=0, max_tokens=2))))
+        assert joined.finish == "length"
+        after = steps[mark:]
+        assert sum(n - 4 for n in after) >= 600  # the prompt was read beside the four
+        limit = max(STEP_SLOWDOWN * 4, 4 + MIN_PREFILL_CHUNK) * 1.5  # estimates adapt over steps
+        assert max(after) <= limit, after
+        for s in running:
+            s.cancel()
+    finally:
+        eng.close(10)
