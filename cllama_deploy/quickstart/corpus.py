@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import Callable, Sequence
 
 ZH_WORDS = (
     "我们 你们 他们 今天 明天 昨天 时间 中国 北京 上海 学习 工作 生活 朋友 老师 学生 学校 大学 "
@@ -29,8 +30,16 @@ PUNCT_ZH = "，。！？；：、"
 EMOJI = "😀🚀🌏🍵📚"
 
 
-def chinese_sentence(rng: random.Random, min_words: int = 4, max_words: int = 14) -> str:
-    """One sentence, mostly Chinese words with single characters, rare English, digits and emoji."""
+def _any_number(rng: random.Random, high: int) -> int:
+    return rng.randint(0, high)
+
+
+def chinese_sentence(rng: random.Random, min_words: int = 4, max_words: int = 14,
+                     number: Callable[[random.Random, int], int] = _any_number) -> str:
+    """One sentence, mostly Chinese words with single characters, rare English, digits and emoji.
+
+    ``number(rng, high)`` draws the numbers written in digits (the quickstart's keeps out its held-out
+    numbers); the default draws uniformly from 0..high."""
     parts: list[str] = []
     for _ in range(rng.randint(min_words, max_words)):
         r = rng.random()
@@ -41,7 +50,7 @@ def chinese_sentence(rng: random.Random, min_words: int = 4, max_words: int = 14
         elif r < 0.92:
             parts.append(f" {rng.choice(EN_WORDS)} ")
         elif r < 0.97:
-            parts.append(str(rng.randint(0, 2026)))
+            parts.append(str(number(rng, 2026)))
         elif r < 0.985:
             parts.append(rng.choice(EMOJI))
         else:
@@ -49,10 +58,12 @@ def chinese_sentence(rng: random.Random, min_words: int = 4, max_words: int = 14
     return "".join(parts).strip() + rng.choice(PUNCT_ZH[1:4])
 
 
-def english_sentence(rng: random.Random, min_words: int = 4, max_words: int = 14) -> str:
-    words = [rng.choice(EN_WORDS) for _ in range(rng.randint(min_words, max_words))]
+def english_sentence(rng: random.Random, min_words: int = 4, max_words: int = 14,
+                     number: Callable[[random.Random, int], int] = _any_number,
+                     words: Sequence[str] = EN_WORDS) -> str:
+    words = [rng.choice(words) for _ in range(rng.randint(min_words, max_words))]
     if rng.random() < 0.3:
-        words.insert(rng.randrange(len(words)), str(rng.randint(0, 99999)))
+        words.insert(rng.randrange(len(words)), str(number(rng, 99999)))
     return " ".join(words).capitalize() + "."
 
 
