@@ -251,6 +251,11 @@ KV_TYPES = {"f32": 0, "f16": 1}
 class Context:
     """A llama.cpp context: the KV memory all sequences share, decoding, and per-row outputs.
 
+    ``flash_attn``: llama.cpp's flash attention on (True), off (False, the default) or llama.cpp's
+    choice (None, "auto": on where the backend supports it, as on CPUs). In a unified KV cache it
+    skips the cells masked out for a token (other sequences', cached prefixes'), which plain
+    attention multiplies through; but its results depend on the batch (see LlamaCppConfig).
+
     ``decode_hook``, when set, is called as ``decode_hook(n_tokens)`` on the calling (worker) thread
     right before every ``llama_decode``: the one seam tests use to slow or observe the real decode
     path.
@@ -258,7 +263,7 @@ class Context:
 
     def __init__(self, model: Model, *, n_ctx: int, n_batch: int, n_ubatch: Optional[int] = None,
                  n_seq_max: int = 1, n_threads: int = 1, embeddings: bool = False,
-                 kv_type: str = "f16"):
+                 kv_type: str = "f16", flash_attn: Optional[bool] = False):
         lc = _lib()
         p = lc.llama_context_default_params()
         p.n_ctx = n_ctx
@@ -269,7 +274,9 @@ class Context:
         p.n_threads_batch = n_threads
         p.kv_unified = True
         p.type_k = p.type_v = KV_TYPES[kv_type]
-        p.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        p.flash_attn_type = (lc.LLAMA_FLASH_ATTN_TYPE_AUTO if flash_attn is None else
+                             lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else
+                             lc.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         p.no_perf = True
         if embeddings:
             p.embeddings = True

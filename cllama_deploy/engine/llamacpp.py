@@ -61,6 +61,12 @@ class LlamaCppConfig:
             takes fewer when more would make the step over 2x slower than the generating sequences'
             step alone.
         kv_cache_type: element type of the KV cache, ``f16`` (llama.cpp's default) or ``f32``.
+        flash_attn: llama.cpp's flash attention: ``off`` (default), ``on``, or ``auto`` (llama.cpp
+            decides; on for CPUs). It skips the KV cells other sequences hold instead of multiplying
+            through them, but its result depends on what else is in the batch (f16 accumulation,
+            different kernels for prompt chunks and single tokens: log-probabilities move by ~1e-2
+            with an f16 cache), so with it on a request's output is no longer exactly what it is
+            served alone; off keeps that guarantee.
     """
 
     model_path: str = field(metadata={"help": "GGUF file.", "argument": True})
@@ -88,6 +94,10 @@ class LlamaCppConfig:
     kv_cache_type: str = field(default="f16", metadata={
         "help": "KV cache element type: f16, or f32 (twice the memory; reference-exact logits).",
         "choices": ("f16", "f32")})
+    flash_attn: str = field(default="off", metadata={
+        "help": "Flash attention: off, on or auto (llama.cpp decides; on for CPUs). On makes outputs "
+                "depend slightly on the rest of the batch.",
+        "choices": ("auto", "on", "off")})
 
     def __post_init__(self) -> None:
         path = Path(self.model_path)
@@ -110,6 +120,8 @@ class LlamaCppConfig:
             raise ConfigError(f"--parallel must be between 1 and 64, got {self.parallel}")
         if self.prefill_chunk < 1:
             raise ConfigError(f"--prefill-chunk must be >= 1, got {self.prefill_chunk}")
+        if self.flash_attn not in ("auto", "on", "off"):
+            raise ConfigError(f"--flash-attn must be auto, on or off, got {self.flash_attn!r}")
         if self.kv_cache_type not in ("f16", "f32"):
             raise ConfigError(f"--kv-cache-type must be f16 or f32, got {self.kv_cache_type!r}")
         if self.chat_template is not None:
@@ -198,7 +210,8 @@ class LlamaCppEngine:
         try:
             self.context = llama_api.Context(
                 model, n_ctx=self.n_ctx * config.parallel, n_batch=n_batch, n_seq_max=n_seq_max,
-                n_threads=self.n_threads, kv_type=config.kv_cache_type)
+                n_threads=self.n_threads, kv_type=config.kv_cache_type,
+                flash_attn={"auto": None, "on": True, "off": False}[config.flash_attn])
         except llama_api.ModelLoadError as exc:
             model.close()
             raise InputError(f"{exc}: not enough memory for --parallel {config.parallel} × --n-ctx "

@@ -98,6 +98,7 @@ class Settings:
         prefix_cache: reuse the KV of shared prompt prefixes (``--prefix-cache/--no-prefix-cache``).
         prefill_chunk: most prompt tokens per step while others generate (``--prefill-chunk``).
         kv_cache_type: KV cache element type, ``f16`` or ``f32`` (``--kv-cache-type``).
+        flash_attn: llama.cpp's flash attention, ``off``, ``on`` or ``auto`` (``--flash-attn``).
         unknown_fields: ``error`` (400 naming an unknown request field) or ``warn`` (log and go on).
     """
 
@@ -142,6 +143,7 @@ class Settings:
     prefix_cache: bool = field(default=True, metadata=_engine_option("prefix_cache"))
     prefill_chunk: int = field(default=DEFAULT_PREFILL_CHUNK, metadata=_engine_option("prefill_chunk"))
     kv_cache_type: str = field(default="f16", metadata=_engine_option("kv_cache_type"))
+    flash_attn: str = field(default="off", metadata=_engine_option("flash_attn"))
     unknown_fields: str = field(default="error", metadata={
         "help": "A request field the server does not know: error (400 naming it) or warn (log it, "
                 "go on).", "choices": ("error", "warn")})
@@ -182,6 +184,10 @@ class Settings:
             raise ConfigError("--prefix-cache must be true or false")
         if self.kv_cache_type not in ("f16", "f32"):
             raise ConfigError(f"--kv-cache-type must be f16 or f32, got {self.kv_cache_type!r}")
+        if isinstance(self.flash_attn, bool):  # YAML 1.1 reads a bare on/off as a boolean
+            self.flash_attn = "on" if self.flash_attn else "off"
+        if self.flash_attn not in ("auto", "on", "off"):
+            raise ConfigError(f"--flash-attn must be auto, on or off, got {self.flash_attn!r}")
         if self.unknown_fields not in ("error", "warn"):
             raise ConfigError(f"--unknown-fields must be error or warn, got {self.unknown_fields!r}")
         ids = [m.id or _default_id(m.path) for m in self.models]
@@ -204,6 +210,7 @@ class Settings:
                 embeddings=m.embeddings, parallel=m.parallel or self.parallel,
                 prefix_cache=self.prefix_cache if m.prefix_cache is None else m.prefix_cache,
                 prefill_chunk=self.prefill_chunk, kv_cache_type=self.kv_cache_type,
+                flash_attn=self.flash_attn,
             )
             for m in self.models
         ]

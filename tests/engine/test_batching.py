@@ -234,3 +234,36 @@ def test_a_long_prompt_joins_in_chunks_that_keep_running_streams_moving(engine_g
             s.cancel()
     finally:
         eng.close(10)
+
+
+
+def test_flash_attention_setting_reaches_llama_cpp_and_leaves_outputs_alone(engine_gguf, caplog):
+    """``flash_attn`` on and off are what llama.cpp reports for the context, and concurrent greedy
+    requests in the shared (unified) KV cache get the same tokens either way (f32 KV: only the
+    attention arithmetic differs; a token may flip only at a near-tie)."""
+    import logging
+
+    caplog.set_level(logging.DEBUG, logger="cllama_deploy.llama_cpp")
+    rng = random.Random(11)
+    reqs = [(random_prompt(rng, n), SamplingParams(temperature=0, max_tokens=m,
+                                                   logit_bias=dict(NO_EOS)))
+            for n, m in ((4, 24), (90, 16), (250, 20), (30, 24))]
+    got = {}
+    for setting in ("off", "on"):
+        caplog.clear()
+        eng = bs.load_engine(engine_gguf, n_ctx=512, parallel=4, kv_cache_type="f32",
+                             flash_attn=setting)
+        try:
+            said = [r.getMessage() for r in caplog.records if "flash_attn" in r.getMessage()]
+            assert any(("disabled" if setting == "off" else "enabled") in m for m in said), said
+            streams = [eng.generate(GenerationRequest(p, s)) for p, s in reqs]
+            got[setting] = [o.tokens for o in consume_in_threads([(s, None) for s in streams])]
+            if setting == "on":
+                for (p, s), want, out in zip(reqs, got["off"], got["on"]):
+                    assert len(want) == len(out) == s.max_tokens
+                    j = first_difference(want, out)
+                    if j is not None:
+                        gap = logit_gap(eng, p, s, want[:j], want[j], out[j])
+                        assert gap < NEAR_TIE, (j, want[j], out[j], gap)
+        finally:
+            eng.close(10)

@@ -145,5 +145,6 @@ def _running(url: str) -> int:
 def test_help(flag, capsys):
     assert main(["serve", flag]) == 0
     out = capsys.readouterr().out
-    for opt in ("--api-key", "--n-ctx", "--threads", "--max-queue", "--config", "--chat-template"):
+    for opt in ("--api-key", "--n-ctx", "--threads", "--max-queue", "--config", "--chat-template",
+                "--kv-cache-type", "--flash-attn"):
         assert opt in out

@@ -101,13 +101,13 @@ def test_per_model_sampling_defaults_in_the_settings(tiny_gguf_path):
     s = Settings(models=[{"path": str(tiny_gguf_path), "id": "m", "sampling": {"temperature": 0.1}},
                          {"path": str(tiny_gguf_path), "id": "n"}],
                  sampling={"top_p": 0.5, "temperature": 0.7}, parallel=3, prefix_cache=False,
-                 kv_cache_type="f32")
+                 kv_cache_type="f32", flash_attn="on")
     assert s.request_config("m").sampling["temperature"] == 0.1
     assert s.request_config("m").sampling["top_p"] == 0.5
     assert s.request_config("n").sampling["temperature"] == 0.7
     configs = s.engine_configs()
     assert [c.parallel for c in configs] == [3, 3] and not any(c.prefix_cache for c in configs)
-    assert {c.kv_cache_type for c in configs} == {"f32"}
+    assert {c.kv_cache_type for c in configs} == {"f32"} and {c.flash_attn for c in configs} == {"on"}
 
 
 def test_errors_are_engine_errors_with_param_and_code(engine):
