@@ -56,6 +56,7 @@ def _root(
 def _register() -> None:
     # Each module adds its commands; modules import heavy libraries only inside commands.
     from cllama_deploy.cli import convert, deploy, inspect, merge, quantize, quickstart, serve, tokenizer, train
+    from cllama_deploy.cli import chat, generate
 
     app.add_typer(tokenizer.app, name="tokenizer")
     app.add_typer(train.app, name="train")
@@ -66,6 +67,8 @@ def _register() -> None:
     deploy.register(app)
     serve.register(app)
     quickstart.register(app)
+    chat.register(app)
+    generate.register(app)
     __import__("cllama_deploy.cli.eval", fromlist=["register"]).register(app)  # eval ppl|quant|choice, bench
 
 
