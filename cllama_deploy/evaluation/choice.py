@@ -22,6 +22,7 @@ The seed evaluated zero-shot without the first line; here it is always there (C-
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import time
@@ -356,20 +357,15 @@ def evaluate_choice(config: ChoiceConfig) -> ChoiceResult:
             dev = read_items(dev_path, need_answer=True)[: config.shots]
         plan.append((subj, read_items(path, need_answer), dev))
 
-    if model_kind(config.model) == "gguf":
-        n_ctx = config.ctx
-        scorer = open_scorer(config.model, config, n_ctx=n_ctx)
-        n_ctx = scorer.n_ctx
-    else:
-        scorer = open_scorer(config.model, config, n_ctx=0)
-        n_ctx = config.ctx
+    scorer = open_scorer(config.model, config, n_ctx=config.ctx)
+    # the same budget on both sides (0: the trained context), so they drop the same examples; not the llama.cpp
+    # context's own size, which llama.cpp rounds up (to a multiple of 256)
+    n_ctx = config.ctx or scorer.n_ctx_train
     try:
         spaced, bare = letter_ids(scorer)
         results: list[SubjectResult] = []
         items: list[dict] = []
         total = sum(len(q) for _, q, _ in plan)
-        import contextlib
-
         with contextlib.ExitStack() as stack:
             bar = task = None
             if config.show_progress:

@@ -155,6 +155,7 @@ class LlamaCppScorer:
         self.name = self.path.name
         self.n_threads = n_threads
         self.n_ctx = self.lm.n_ctx
+        self.n_ctx_train = self.lm.model.n_ctx_train
         self.n_vocab = self.lm.n_vocab
         self.bos_id = self.lm.bos_id
         self.add_bos = self.lm.add_bos
@@ -208,10 +209,12 @@ def load_hf_model(model_dir: Path, loras: Sequence[Path] = (), dtype: str = "flo
     require("torch", "train")
     require("transformers", "train")
     import torch
+    import transformers
     from transformers import AutoModelForCausalLM
 
     from cllama_deploy.training.model import adapter_vocab_rows
 
+    transformers.utils.logging.disable_progress_bar()  # our own progress bar covers the evaluation
     try:
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, dtype))
     except (OSError, ValueError) as exc:

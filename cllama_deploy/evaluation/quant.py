@@ -274,6 +274,11 @@ def _pm(value: float, unc: float, digits: int = 4) -> str:
     return f"{value:.{digits}f} ± {unc:.{digits}f}"
 
 
+def _small(value: float) -> str:
+    """Six decimals, or three significant digits for the tiny values of near-lossless types."""
+    return f"{value:.6f}" if value == 0 or abs(value) >= 1e-3 else f"{value:.3e}"
+
+
 def table_rows(report: QuantReport) -> list[dict[str, str]]:
     """The report's main table as strings (shared by the terminal table and Markdown)."""
     out = []
@@ -283,7 +288,8 @@ def table_rows(report: QuantReport) -> list[dict[str, str]]:
         out.append({
             "type": f.type, "size MiB": f"{f.size_bytes / 2**20:.1f}", "bpw": f"{f.bits_per_weight:.2f}",
             "PPL": _pm(s["ppl"], s["ppl_stderr"]), "PPL ratio": _pm(s["ppl_ratio"], s["ppl_ratio_stderr"]),
-            "mean KLD": _pm(s["kld_mean"], s["kld_stderr"], 6), "KLD 99%": f"{s['kld_percentiles']['99']:.6f}",
+            "mean KLD": f"{_small(s['kld_mean'])} ± {_small(s['kld_stderr'])}",
+            "KLD 99%": _small(s["kld_percentiles"]["99"]),
             "same top p %": _pm(100 * s["same_top_p"], 100 * s["same_top_p_stderr"], 2),
             "RMS Δp %": _pm(100 * s["rms_dp"], 100 * s["rms_dp_stderr"], 3),
             "prompt t/s": f"{r.prompt_tps:.1f}", "gen t/s": gen,
@@ -308,7 +314,7 @@ def markdown(report: QuantReport) -> str:
     for r in report.rows:
         s = r.stats
         vals = [s["kld_max"]] + [s["kld_percentiles"][p] for p in pcts[1:-1]] + [s["kld_min"]]
-        lines.append(f"| {r.file.type} | " + " | ".join(f"{v:.6f}" for v in vals) + " |")
+        lines.append(f"| {r.file.type} | " + " | ".join(_small(v) for v in vals) + " |")
     for n in report.notes:
         lines += ["", f"Note: {n}"]
     return "\n".join(lines) + "\n"

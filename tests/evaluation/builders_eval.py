@@ -19,6 +19,12 @@ LETTERS = "ABCD"
 CEVAL_SIZES = {"computer_network": 8, "high_school_physics": 12, "law": 16, "accountant": 12}
 
 
+def assert_one_line_error(capsys, message: str) -> None:
+    """The CLI's user-error contract: the last stderr line is ``error: ...`` and names the problem."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("error: ") and message in err[-1], err
+
+
 def scoring_text(n_en: int = 150, n_zh: int = 60, seed: int = 5) -> str:
     """Mixed English / Chinese lines, shuffled (the kind of text `eval ppl` is run on)."""
     lines = english_lines(n_en, seed=seed) + chinese_lines(n_zh, seed=seed + 1)
@@ -158,7 +164,7 @@ def write_lm_eval_task(root: Path, val: dict[str, list[dict]], name: str = "clla
             zh = SUBJECTS[subject][0]
             for r in rows:
                 item = Item(r["id"], r["question"], tuple(r[c] for c in LETTERS), r["answer"])
-                fh.write(json.dumps({"subject": subject, "prompt": build_prompt(zh, item, []),
+                fh.write(json.dumps({"subject": subject, "id": r["id"], "prompt": build_prompt(zh, item, []),
                                      "label": LETTERS.index(r["answer"])}, ensure_ascii=False) + "\n")
     (root / f"{name}.yaml").write_text(
         f"task: {name}\n"

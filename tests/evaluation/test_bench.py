@@ -10,6 +10,7 @@ import pytest
 
 from cllama_deploy.cli import main
 from cllama_deploy.evaluation.bench import BenchConfig, Speed, bench, weight_bytes
+from tests.evaluation import builders_eval as be
 
 
 def test_bench_report(ev_models, tmp_path):
@@ -65,8 +66,7 @@ def test_default_threads_and_skips(ev_models, monkeypatch):
 ])
 def test_user_errors_are_one_line_exit_2(args, message, ev_models, capsys):
     assert main(["bench", str(ev_models.base_gguf), *args]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("error: ") and message in err[-1], err
+    be.assert_one_line_error(capsys, message)
 
 
 def test_not_a_gguf(tmp_path, capsys):

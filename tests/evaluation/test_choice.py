@@ -58,6 +58,16 @@ def test_hf_and_gguf_agree_on_every_item(shots, template, choice_case):
     assert all(it["shots"] == shots for it in gg.items)
 
 
+def test_examples_that_do_not_fit_are_dropped_alike(choice_case):
+    hf = _run(choice_case.hf, choice_case.data, shots=3, ctx=200)
+    gg = _run(choice_case.gguf, choice_case.data, shots=3, ctx=200)
+    shots = [it["shots"] for it in gg.items]
+    assert shots == [it["shots"] for it in hf.items] and max(shots) < 3 and all(it["prompt_tokens"] < 200
+                                                                                  for it in gg.items)
+    assert sum(s.fewer_shots for s in gg.subjects) == sum(k < 3 for k in shots)
+    assert [it["prediction"] for it in hf.items] == [it["prediction"] for it in gg.items]
+
+
 def test_prompt_is_c_eval_s():
     item = Item("0", "1+1=?", ("1", "2", "3", "4"), "B")
     ex = Item("9", "2+2=?", ("4", "5", "6", "7"), "A")
@@ -137,5 +147,4 @@ def test_user_errors_are_one_line_exit_2(setup, args, message, choice_case, tmp_
     argv = ["eval", "choice", str(choice_case.gguf), "-q"] + ([] if "--data" in args else ["--data", str(data)])
     argv += [] if "--shots" in args else ["--shots", "0"]
     assert main(argv + args) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("error: ") and message in err[-1], err
+    be.assert_one_line_error(capsys, message)

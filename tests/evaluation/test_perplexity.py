@@ -111,8 +111,7 @@ def test_user_errors_are_one_line_exit_2(args, message, ev_models, ev_text, caps
     if "--text" not in args:
         argv += ["--text", str(ev_text)]
     assert main(argv + args) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("error: ") and message in err[-1], err
+    be.assert_one_line_error(capsys, message)
 
 
 def test_not_a_model_is_a_user_error(tmp_path, ev_text, capsys):

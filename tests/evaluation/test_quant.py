@@ -11,6 +11,7 @@ import pytest
 from cllama_deploy.cli import main
 from cllama_deploy.evaluation.quant import QuantEvalConfig, evaluate_quants, file_stem
 from cllama_deploy.evaluation.stats import KLStats, percentile
+from tests.evaluation import builders_eval as be
 
 CTX = 64
 
@@ -129,5 +130,4 @@ def test_file_stem_drops_the_type_suffix(tmp_path):
 def test_user_errors_are_one_line_exit_2(args, message, ev_models, ev_text, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["eval", "quant", str(ev_models.base_gguf), "--text", str(ev_text), "-q", *args]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("error: ") and message in err[-1], err
+    be.assert_one_line_error(capsys, message)
