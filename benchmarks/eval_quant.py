@@ -14,6 +14,11 @@ benchmarks/deploy_vs_seed.py's builder, our F16 GGUF, the Debian Reference in Si
 
     .venv/bin/python benchmarks/eval_quant.py --work /tmp/eval-bench [--chunks 3] [--rounds 2] [--reps 3]
 
+or in two parts of under 15 minutes each (the second adds to WORK/results.json of the first):
+
+    .venv/bin/python benchmarks/eval_quant.py --work /tmp/eval-bench --skip-speed
+    .venv/bin/python benchmarks/eval_quant.py --work /tmp/eval-bench --skip-quant --rounds 1
+
 Prints a Markdown summary (also written to WORK/summary.md) and writes WORK/results.json. Run it on a quiet
 machine (``flock -x /tmp/cllama-cpu.lock``): llama.cpp's speed collapses when another process takes a core.
 """
@@ -101,12 +106,17 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds of bench vs llama-bench")
     ap.add_argument("--reps", type=int, default=3, help="repetitions inside each bench / llama-bench run")
     ap.add_argument("--gen-tokens", type=int, default=32, help="tokens of eval quant's generation test per type")
-    ap.add_argument("--skip-quant", action="store_true", help="only the speed comparison")
+    ap.add_argument("--skip-quant", action="store_true",
+                    help="only the speed comparison (keeps the quality part of an earlier WORK/results.json)")
+    ap.add_argument("--skip-speed", action="store_true", help="only eval quant and its llama-perplexity anchors")
     args = ap.parse_args()
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     f16, text = setup(work)
     results: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "chunks": args.chunks}
+    if args.skip_quant and (work / "results.json").is_file():
+        earlier = json.loads((work / "results.json").read_text())
+        results.update({k: earlier[k] for k in ("eval_quant", "llama_perplexity") if k in earlier})
     env = dict(os.environ, CLLAMA_N_THREADS=str(args.threads))
 
     if not args.skip_quant:
@@ -129,7 +139,7 @@ def main() -> int:
 
     q4 = work / "q" / "tiny-Q4_0.gguf"
     speed = {"ours": [], "llama_bench": []}
-    for r in range(args.rounds):
+    for r in range(0 if args.skip_speed else args.rounds):
         out = work / f"bench-{r}.json"
         run(CLI + ["bench", str(q4), "--threads", "1,2", "--batch", "1,2,4,8", "--reps", str(args.reps),
                    "--json", str(out), "-q"], work / f"bench-{r}.log")
@@ -137,7 +147,8 @@ def main() -> int:
         _, text_out = run([str(TOOLS / "llama-bench"), "-m", str(q4), "-t", "1,2", "-p", "512", "-n", "128",
                            "-r", str(args.reps), "-fa", "0", "-o", "json"], work / f"llama-bench-{r}.log")
         speed["llama_bench"].append(json.loads(text_out[text_out.index("["): text_out.rindex("]") + 1]))
-    results["speed"] = speed
+    if not args.skip_speed:
+        results["speed"] = speed
     (work / "results.json").write_text(json.dumps(results, indent=2))
     summary = render(results)
     (work / "summary.md").write_text(summary)
@@ -190,6 +201,8 @@ def render(res: dict) -> str:
                   f"| Q4_0 same top p | {100 * rows['Q4_0']['same_top_p']:.3f} % | "
                   f"{100 * lp['Q4_0'].get('same_top_p', float('nan')):.3f} % | |",
                   f"| F16 windows, seconds | | {lp['F16']['seconds']:.1f} (whole run) | |"]
+    if "speed" not in res:
+        return "\n".join(lines) + "\n"
     sp = res["speed"]
     lines += ["", "`bench` vs `llama-bench` on Q4_0 (tokens/s, mean ± sd over rounds of the per-run means; "
               "ratio ours / llama-bench):", "", "| test | threads | ours | llama-bench | ratio |", "|---|---|---|---|---|"]
