@@ -13,24 +13,24 @@ def register(app: typer.Typer) -> None:
 
     @config_command(app, "quickstart", QuickstartConfig)
     def quickstart_cmd(config: QuickstartConfig) -> None:
-        """Run the embedded default on generated text: train a base and a Chinese tokenizer, merge, compare."""
+        """Run the whole path on generated data: tokenizers, a tiny base, LoRA PT and SFT, GGUFs, the server."""
         from rich.console import Console
-        from rich.table import Table
+        from rich.markdown import Markdown
 
         from cllama_deploy.quickstart.run import run_quickstart
 
         r = run_quickstart(config)
-        table = Table(title=f"quickstart output in {r.out} ({r.seconds:.1f}s)")
-        table.add_column("what")
-        table.add_column("path")
-        for what, path in r.files.items():
-            table.add_row(what, str(path))
         console = Console()
-        console.print(table)
-        zh, en = r.stats["files"][0], r.stats["files"][1]
-        parity = (f"AutoTokenizer = SentencePiece on {r.parity['lines']} held-out lines"
-                  if r.parity.get("checked") else "HF parity not checked (transformers not installed)")
-        console.print(
-            f"added {r.added_pieces} Chinese pieces -> {r.total_pieces}; held-out Chinese needs "
-            f"{zh['ratio']:.2f}x fewer tokens ({zh['base_tokens']} -> {zh['tokens']}), English {en['ratio']:.2f}x; {parity}"
-        )
+        console.print(Markdown(r.table))
+        console.print(f"\n[bold]quickstart output in {r.out}[/] ({r.seconds:.0f} s)")
+        for what, path in r.files.items():
+            console.print(f"  {what}: {r.out / path if not ',' in path else path}")
+        console.print(f"\nServe the 4-bit model:  [bold]{r.serve_command}[/]")
+        if r.server is not None:
+            console.print(f"[bold green]serving at {r.server.url}[/] (web chat at /, API at /v1); Ctrl-C stops it")
+            try:
+                r.server.wait()
+            except KeyboardInterrupt:
+                pass
+            finally:
+                r.server.stop()
