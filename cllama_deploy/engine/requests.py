@@ -69,10 +69,14 @@ from cllama_deploy.engine.schemas import (
     EmbeddingRequest,
     EmbeddingResponse,
     EmbeddingUsage,
+    FunctionCallDelta,
     PromptTokensDetails,
     ResponseFormat,
+    ToolCallDelta,
     TopLogprob,
 )
+from cllama_deploy import prompts
+from cllama_deploy.engine import tools
 from cllama_deploy.errors import ConfigError
 
 log = logging.getLogger("cllama_deploy.engine")
@@ -526,12 +530,11 @@ def prepare_chat(engine: Engine, body: Union[ChatCompletionRequest, Mapping[str,
     config = config or _DEFAULT_CONFIG
     body = parse(ChatCompletionRequest, body)
     check_fields(body, config)
-    # tool calling is issue 10: tools/tool_choice become a tool prompt + grammar here, and the
-    # output side (_ChatOutput) parses calls into message.tool_calls
-    for name in ("tools", "functions"):
-        if getattr(body, name):
-            raise InvalidRequest(f"{name} (tool calling) is not supported by this server yet",
-                                   param=name, code="unsupported_parameter")
+    if body.functions or body.function_call is not None:
+        raise InvalidRequest("functions/function_call (OpenAI's deprecated form) are not supported; "
+                             "use tools and tool_choice", param="functions" if body.functions
+                             else "function_call", code="unsupported_parameter")
+    tool_plan = tools.plan(body)  # None without tools (engine/tools.py: prompt, grammar, parsing)
     n = body.n or 1
     check_n(n, 1, config)
     if body.top_logprobs is not None and not body.logprobs:
@@ -539,7 +542,12 @@ def prepare_chat(engine: Engine, body: Union[ChatCompletionRequest, Mapping[str,
     max_tokens = _max_tokens(body, body.max_completion_tokens if body.max_completion_tokens
                              is not None else body.max_tokens)
     grammar = grammar_for(body.response_format, json_schema=body.json_schema, grammar=body.grammar)
-    prompt = engine.render_chat(chat_messages(body))
+    messages = chat_messages(body)
+    if tool_plan is not None or tools.has_tool_history(body):
+        grammar = _tool_grammar(tool_plan, grammar)
+        fmt = prompts.format_of_template(engine.info.chat_template)
+        messages = tools.messages(messages, body, tool_plan, fmt.system if fmt else None)
+    prompt = engine.render_chat(messages)
     check_context(engine, prompt, max_tokens, "messages")
     params = sampling_params(body, config.sampling, max_tokens=max_tokens,
                              stop=stop_list(body.stop) + list(engine.info.stop),
@@ -552,9 +560,20 @@ def prepare_chat(engine: Engine, body: Union[ChatCompletionRequest, Mapping[str,
         kind="chat", id=rid, created=int(time.time()), model=engine.info.id,
         requests=[GenerationRequest(prompt, _seeded(params, i), rid, deadline) for i in range(n)],
         indexes=list(range(n)), prompt_tokens=len(prompt), prompt_param="messages",
-        output=lambda: _ChatOutput(want_lp), stream=bool(body.stream),
+        output=lambda: _ChatOutput(want_lp, tool_plan), stream=bool(body.stream),
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
         user=body.user, body=body, n=n)
+
+
+def _tool_grammar(plan: Optional["tools.ToolPlan"], grammar: Optional[str]) -> Optional[str]:
+    """The tools' grammar, unless no call is possible; it cannot be combined with another one."""
+    if plan is None or plan.grammar is None:
+        return grammar
+    if grammar is not None:
+        raise InvalidRequest("tools (with tool_choice other than 'none') cannot be combined with "
+                             "response_format, json_schema or grammar: each constrains the output",
+                             param="tools")
+    return plan.grammar
 
 
 def _max_tokens(body, max_tokens: Optional[int]) -> Optional[int]:
@@ -691,26 +710,51 @@ class _Output:
 
 
 class _ChatOutput(_Output):
-    """A message; streamed: a role delta, content deltas, an empty delta with the finish reason."""
+    """A message; streamed: a role delta, content deltas, an empty delta with the finish reason.
 
-    def __init__(self, want_lp: bool):
+    With tools, an answer that is a tool call becomes ``message.tool_calls`` (finish reason
+    ``tool_calls``); streamed, its text is held back and sent as whole tool-call deltas with the finish
+    reason (the grammar decides at the first non-blank character whether the answer is a call)."""
+
+    def __init__(self, want_lp: bool, tool_plan: Optional["tools.ToolPlan"] = None):
         self.want_lp = want_lp
+        self.tool_plan = tool_plan if tool_plan is not None and tool_plan.calls_possible else None
+        self.splitter: Optional[tools.StreamSplitter] = None
 
     def choice(self, k, index, c):
+        calls = tools.parse(c.text, self.tool_plan) if self.tool_plan is not None else None
+        if calls:
+            return ChatChoice(index=index, message=ChatCompletionMessage(content=None, tool_calls=calls),
+                              logprobs=chat_logprobs(c.logprobs) if self.want_lp else None,
+                              finish_reason="tool_calls")
         return ChatChoice(index=index, message=ChatCompletionMessage(content=c.text),
                           logprobs=chat_logprobs(c.logprobs) if self.want_lp else None,
                           finish_reason=c.final.finish_reason)
 
     def opening(self, k, index):
+        if self.tool_plan is not None:
+            self.splitter = tools.StreamSplitter(self.tool_plan)
         return [ChatChunkChoice(index=index, delta=ChoiceDelta(role="assistant", content=""))]
 
     def piece(self, k, index, c):
-        if not (c.text or (self.want_lp and c.logprobs)):
+        text = c.text if self.splitter is None else self.splitter.feed(c.text)
+        if not (text or (self.want_lp and c.logprobs)):
             return None
-        return ChatChunkChoice(index=index, delta=ChoiceDelta(content=c.text),
+        return ChatChunkChoice(index=index, delta=ChoiceDelta(content=text),
                                logprobs=chat_logprobs(c.logprobs or []) if self.want_lp else None)
 
     def closing(self, k, index, final):
+        if self.splitter is not None:
+            calls, rest = self.splitter.finish()
+            if calls:
+                deltas = [ToolCallDelta(index=i, id=t["id"], type="function",
+                                        function=FunctionCallDelta(**t["function"]))
+                          for i, t in enumerate(calls)]
+                return ChatChunkChoice(index=index, delta=ChoiceDelta(tool_calls=deltas),
+                                       finish_reason="tool_calls")
+            if rest:  # a call cut short (max_tokens): what was held back is the text
+                return ChatChunkChoice(index=index, delta=ChoiceDelta(content=rest),
+                                       finish_reason=final.finish_reason)
         return ChatChunkChoice(index=index, delta=ChoiceDelta(), finish_reason=final.finish_reason)
 
 

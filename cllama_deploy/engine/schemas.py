@@ -122,7 +122,7 @@ class ChatMessage(RequestModel):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: Optional[Union[str, list[ContentPart]]] = None
     name: Optional[str] = None
-    # OpenAI's assistant / tool message fields (tool calling is not implemented yet; see issue 10)
+    # OpenAI's assistant / tool message fields (engine/tools.py writes them into the prompt)
     tool_calls: Optional[list[Any]] = None
     tool_call_id: Optional[str] = None
     function_call: Optional[Any] = None
@@ -220,7 +220,7 @@ class EmbeddingRequest(RequestModel):
 # Responses and stream chunks (what the server sends, field for field)
 # ---------------------------------------------------------------------------------------------
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]  # tool_calls: the answer is tool calls (issue 10)
 
 
 class PromptTokensDetails(BaseModel):
@@ -259,10 +259,44 @@ class ChoiceLogprobs(BaseModel):
     refusal: Optional[list[ChatTokenLogprob]] = None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str = Field(..., description="The arguments as a JSON object, in text.")
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionCallDelta(BaseModel):
+    name: Optional[str] = None
+    arguments: Optional[str] = None
+
+
+class ToolCallDelta(BaseModel):
+    """A streamed piece of a tool call; ``index`` says which call of the message it belongs to."""
+
+    index: int
+    id: Optional[str] = None
+    type: Optional[Literal["function"]] = None
+    function: Optional[FunctionCallDelta] = None
+
+
 class ChatCompletionMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: Optional[str] = None
     refusal: Optional[str] = None
+    tool_calls: Optional[list[ToolCall]] = Field(None, description="Sent only when the answer is "
+                                                 "tool calls (finish_reason tool_calls).")
+
+    @model_serializer(mode="wrap")
+    def _tool_calls_when_set(self, handler):
+        data = handler(self)
+        if data.get("tool_calls") is None:
+            data.pop("tool_calls", None)
+        return data
 
 
 class ChatChoice(BaseModel):
@@ -287,6 +321,7 @@ class ChoiceDelta(BaseModel):
 
     role: Optional[Literal["assistant"]] = None
     content: Optional[str] = None
+    tool_calls: Optional[list[ToolCallDelta]] = None
 
     @model_serializer(mode="wrap")
     def _only_set(self, handler):
