@@ -57,10 +57,11 @@ REQUIRED_CONFIG: dict[str, type] = {
 }
 
 
-def load_config(directory: Path) -> dict:
-    """Read and sanity-check ``config.json`` (types of the fields every later stage relies on)."""
+def load_config(directory: Path, flag: str = "--base") -> dict:
+    """Read and sanity-check ``config.json`` (types of the fields every later stage relies on); ``flag``
+    is the option that named the directory, for the message."""
     path = directory / "config.json"
-    config = read_json(path, "model config (config.json)", _CONFIG_FIX)
+    config = read_json(path, "model config (config.json)", _CONFIG_FIX.replace("--base", flag))
     for key, typ in REQUIRED_CONFIG.items():
         value = config.get(key)
         if not isinstance(value, typ) or isinstance(value, bool) or value <= 0:

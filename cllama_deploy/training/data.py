@@ -26,130 +26,110 @@ CACHE_VERSION = 1  # bump when the cached format or the tokenization rules chang
 
 # ------------------------------------------------------------------------------------ tokenizer
 
-def _hf_loader() -> Callable | None:
-    """The project's SentencePiece-exact HF tokenizer loader, when the tokenizer package provides it."""
-    try:
-        from cllama_deploy.tokenizer.hf import load_tokenizer
-    except ImportError:
-        return None
-    return load_tokenizer
-
-
-def _sp_model_file(path: Path) -> Path | None:
-    if path.is_file():
-        return path
-    cand = path / "tokenizer.model"
-    return cand if cand.is_file() else None
+_FINGERPRINT_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                      "added_tokens.json")
 
 
 class TextTokenizer:
-    """What training needs from a tokenizer: ids without special tokens, BOS/EOS/PAD ids, pieces.
+    """What training needs from a tokenizer: pieces, ids without special tokens, BOS/EOS/PAD ids.
 
-    Wraps the HF tokenizer from :func:`cllama_deploy.tokenizer.hf.load_tokenizer` (which encodes exactly
-    like SentencePiece, also on merged vocabularies); falls back to SentencePiece itself when that module
-    is not available. It pickles by path, so ``datasets.map`` workers reload it.
+    The pieces and the size come from the SentencePiece model and the HF files' added tokens
+    (:func:`cllama_deploy.tokenizer.hf.tokenizer_settings`), without importing transformers, so the
+    vocabulary is checked before training loads anything heavy. Ids come from the SentencePiece-exact HF
+    tokenizer (:func:`cllama_deploy.tokenizer.hf.load_tokenizer`), loaded on first use. It pickles by path,
+    so ``datasets.map`` workers reload it.
+
+    Raises:
+        TokenizerError: no such path, no ``tokenizer.model``, unreadable tokenizer files.
     """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         if not self.path.exists():
             raise TokenizerError(f"tokenizer {self.path}: no such file or directory")
-        self._tok = None
-        self._sp = None
-        self._load()
+        self._hf = None
+        self._load_light()
         self.fingerprint = self._fingerprint()
 
-    # pickling: reload in the worker instead of shipping the native object
+    # pickling: reload in the worker instead of shipping the native objects
     def __getstate__(self):
         return {"path": self.path, "fingerprint": self.fingerprint}
 
     def __setstate__(self, state):
         self.path = state["path"]
         self.fingerprint = state["fingerprint"]
-        self._tok = self._sp = None
-        self._load()
+        self._hf = None
+        self._load_light()
 
-    def _load(self) -> None:
-        loader = _hf_loader()
-        if loader is not None:
-            target = self.path
-            if target.is_dir() and not (target / "tokenizer_config.json").is_file() and _sp_model_file(target):
-                # A bare directory with only tokenizer.model: load the file, so BOS/EOS/UNK come from the
-                # SentencePiece model (a directory without tokenizer_config.json has no special tokens).
-                target = _sp_model_file(target)
-            self._tok = loader(target)
-            if self._tok.bos_token_id is None or self._tok.eos_token_id is None:
-                raise TokenizerError(f"tokenizer {self.path}: no BOS/EOS token defined (training adds BOS to every "
-                                     f"example and EOS after every response)")
-            return
-        import sentencepiece as spm
+    def _load_light(self) -> None:
+        from cllama_deploy.tokenizer.hf import tokenizer_settings
+        from cllama_deploy.tokenizer.spm import processor
 
-        model = _sp_model_file(self.path)
-        if model is None:
-            raise TokenizerError(f"tokenizer {self.path}: no tokenizer.model found (give a SentencePiece "
-                                 f"model file or a directory containing tokenizer.model)")
-        self._sp = spm.SentencePieceProcessor(model_file=str(model))
+        settings = tokenizer_settings(self.path)
+        self.model_file: Path = Path(settings["sp_model"])
+        self._added: dict[str, int] = dict(settings["added_tokens"])
+        self._sp = processor(self.model_file)
 
     def _fingerprint(self) -> str:
         h = hashlib.sha256()
         files = [self.path] if self.path.is_file() else sorted(
-            p for p in self.path.iterdir()
-            if p.is_file() and (p.name == "tokenizer.model" or p.name in (
-                "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")))
+            p for p in self.path.iterdir() if p.is_file() and p.name in _FINGERPRINT_FILES)
         for p in files:
             h.update(p.name.encode())
             h.update(sha256_file(p).encode())
-        h.update(b"hf" if self._tok is not None else b"sp")
+        h.update(b"hf")  # kept so caches written before the pieces were read without transformers still match
         return h.hexdigest()
 
     @property
     def hf(self):
-        """The underlying HF tokenizer (None on the SentencePiece fallback)."""
-        return self._tok
+        """The SentencePiece-exact HF tokenizer (imports transformers on first use)."""
+        if self._hf is None:
+            from cllama_deploy.tokenizer.hf import load_tokenizer
 
-    @property
-    def model_file(self) -> Path | None:
-        """The SentencePiece ``tokenizer.model`` behind this tokenizer, when there is one."""
-        return _sp_model_file(self.path)
+            target = self.path
+            if target.is_dir() and not (target / "tokenizer_config.json").is_file():
+                # A bare directory with only tokenizer.model: load the file, so BOS/EOS/UNK come from the
+                # SentencePiece model (a directory without tokenizer_config.json has no special tokens).
+                target = self.model_file
+            hf = load_tokenizer(target)
+            if hf.bos_token_id is None or hf.eos_token_id is None:
+                raise TokenizerError(f"tokenizer {self.path}: no BOS/EOS token defined (training adds BOS to every "
+                                     f"example and EOS after every response)")
+            if len(hf) != len(self):
+                raise TokenizerError(f"tokenizer {self.path}: transformers loads {len(hf)} tokens but the "
+                                     f"SentencePiece model and added tokens make {len(self)}; rewrite the HF files "
+                                     f"with `cllama-deploy tokenizer merge` (or delete tokenizer_config.json)")
+            self._hf = hf
+        return self._hf
 
     def __len__(self) -> int:
-        if self._tok is not None:
-            return len(self._tok)
-        return self._sp.get_piece_size()
+        return self._sp.get_piece_size() + len(self._added)
 
     @property
     def bos_id(self) -> int:
-        return self._tok.bos_token_id if self._tok is not None else self._sp.bos_id()
+        return self.hf.bos_token_id
 
     @property
     def eos_id(self) -> int:
-        return self._tok.eos_token_id if self._tok is not None else self._sp.eos_id()
+        return self.hf.eos_token_id
 
     @property
     def pad_id(self) -> int | None:
-        if self._tok is not None:
-            return self._tok.pad_token_id
-        pid = self._sp.pad_id()
-        return pid if pid >= 0 else None
+        return self.hf.pad_token_id
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text, without BOS/EOS."""
-        if self._tok is not None:
-            return self._tok(list(texts), add_special_tokens=False)["input_ids"]
-        return self._sp.encode(list(texts))
+        return self.hf(list(texts), add_special_tokens=False)["input_ids"]
 
     def pieces(self) -> list[str]:
-        """Every piece in id order (SentencePiece spelling: '▁' for a space, '<0x0A>' for bytes)."""
-        if self._tok is not None:
-            return self._tok.convert_ids_to_tokens(list(range(len(self._tok))))
-        return [self._sp.id_to_piece(i) for i in range(self._sp.get_piece_size())]
+        """Every piece in id order (SentencePiece spelling: '▁' for a space, '<0x0A>' for bytes), then the
+        added tokens."""
+        sp = self._sp
+        return [sp.id_to_piece(i) for i in range(sp.get_piece_size())] + sorted(self._added, key=self._added.get)
 
     def special_ids(self) -> set[int]:
         """Ids of control/special tokens (no text of their own)."""
-        if self._tok is not None:
-            return set(self._tok.all_special_ids)
-        return {i for i in range(self._sp.get_piece_size())
-                if self._sp.is_control(i) or self._sp.is_unknown(i)}
+        return set(self.hf.all_special_ids)
 
 
 def load_text_tokenizer(path: str | Path) -> TextTokenizer:
@@ -411,11 +391,11 @@ def build_sft_examples(path: Path, tok: TextTokenizer, max_seq_length: int, temp
     """One Alpaca file → a dataset of input_ids / labels (-100 over the prompt), truncated."""
     from datasets import Dataset
 
-    from cllama_deploy.prompts import build_prompt
+    from cllama_deploy.prompts import FORMATS
 
     recs = read_alpaca(path)
-    prompts = [build_prompt(r["instruction"], r.get("input") or "", variant=template,
-                            system_prompt=system_prompt) for _, r in recs]
+    fmt = FORMATS[template]
+    prompts = [fmt.build(r["instruction"], r.get("input") or "", system_prompt) for _, r in recs]
     responses = [r["output"] for _, r in recs]
     ds = Dataset.from_dict({"prompt": prompts, "response": responses})
     return _map(ds, _SFTTokenize(tok, max_seq_length), workers, f"tokenizing {path.name}")

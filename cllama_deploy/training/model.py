@@ -12,13 +12,16 @@ Vocabulary rules (checked before any weight is loaded):
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cllama_deploy.checkpoint.hf import load_config
+from cllama_deploy.checkpoint.peft import open_adapter
+from cllama_deploy.checkpoint.validate import VOCAB_TENSORS
 from cllama_deploy.errors import CheckpointError, ConfigError, ShapeMismatchError, TokenizerError
+from cllama_deploy.tokenizer import spm
 
 log = logging.getLogger(__name__)
 
@@ -28,37 +31,18 @@ _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 # ------------------------------------------------------------------------------------ vocabulary plan
 
 def read_model_config(model_dir: str | Path) -> dict:
-    path = Path(model_dir) / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"--model_name_or_path {model_dir}: no config.json (expected a model in HF "
-                              f"format)")
+    """The base model's ``config.json``, checked by the checkpoint reader (no weights are read)."""
+    return load_config(Path(model_dir), flag="--model_name_or_path")
+
+
+def adapter_vocab_rows(adapter_dir: str | Path, flag: str = "--lora") -> int | None:
+    """Rows of the embed_tokens/lm_head an adapter saves whole (None when it saves neither), from the PEFT
+    reader's plan of the adapter (no tensor data is read)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path}: invalid JSON ({exc})") from exc
-
-
-def adapter_vocab_rows(adapter_dir: str | Path) -> int | None:
-    """Rows of the embed_tokens/lm_head an adapter saved whole (None when it saved none)."""
-    from safetensors import safe_open
-
-    d = Path(adapter_dir)
-    if not (d / "adapter_config.json").is_file():
-        raise CheckpointError(f"{d}: no adapter_config.json (expected a PEFT adapter directory)")
-    st = d / "adapter_model.safetensors"
-    if not st.is_file():
-        if (d / "adapter_model.bin").is_file():
-            import torch
-
-            sd = torch.load(d / "adapter_model.bin", map_location="cpu", weights_only=True)
-            shapes = {k: tuple(v.shape) for k, v in sd.items()}
-        else:
-            raise CheckpointError(f"{d}: no adapter_model.safetensors or adapter_model.bin")
-    else:
-        with safe_open(str(st), framework="pt") as fh:
-            shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
-    rows = [s[0] for k, s in shapes.items()
-            if ("embed_tokens" in k or "lm_head" in k) and "lora_" not in k and len(s) == 2]
+        adapter = open_adapter(adapter_dir)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{flag}: {exc}") from exc
+    rows = [adapter.full_shape(t)[0] for t in VOCAB_TENSORS if t in adapter.full]
     return max(rows) if rows else None
 
 
@@ -77,9 +61,7 @@ class VocabPlan:
 
 
 def _sp_pieces(model_file: Path) -> list[str]:
-    import sentencepiece as spm
-
-    sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    sp = spm.processor(model_file)
     return [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
 
 
@@ -91,16 +73,14 @@ def plan_vocab(cfg, tok) -> VocabPlan:
             merged tokenizer not an extension of the base tokenizer.
         ConfigError: a resize is needed but embed_tokens/lm_head would not be trained and saved.
     """
-    mcfg = read_model_config(cfg.model_name_or_path)
-    rows = int(mcfg.get("vocab_size") or 0)
-    if rows <= 0:
-        raise CheckpointError(f"{cfg.model_name_or_path}/config.json has no vocab_size")
+    rows = read_model_config(cfg.model_name_or_path)["vocab_size"]
     notes = []
     # The tokenizer that matches the current rows: the model's own, or that of the last adapter that grew
     # the vocabulary (the "Plus" recipe: SFT on top of a PT adapter that saved 49953-row embeddings).
     rows_tokenizer = Path(cfg.model_name_or_path) / "tokenizer.model"
-    for adapter in list(cfg.lora) + ([cfg.peft_path] if cfg.peft_path else []):
-        a_rows = adapter_vocab_rows(adapter)
+    adapters = [(a, "--lora") for a in cfg.lora] + ([(cfg.peft_path, "--peft_path")] if cfg.peft_path else [])
+    for adapter, flag in adapters:
+        a_rows = adapter_vocab_rows(adapter, flag)
         if a_rows and a_rows != rows:
             if a_rows < rows:
                 raise ShapeMismatchError(f"adapter {adapter} saved embed_tokens/lm_head with {a_rows} rows but the "
@@ -155,14 +135,10 @@ def plan_vocab(cfg, tok) -> VocabPlan:
 def _base_encoder(base_model_file: Path):
     """The base SentencePiece model with no dummy prefix and whitespace kept, so a piece's text (with
     '▁' turned back into a space) is split exactly into base pieces."""
-    import sentencepiece as spm
-    from sentencepiece import sentencepiece_model_pb2 as pb
-
-    proto = pb.ModelProto()
-    proto.ParseFromString(Path(base_model_file).read_bytes())
+    proto = spm.load_model(base_model_file)
     proto.normalizer_spec.add_dummy_prefix = False
     proto.normalizer_spec.remove_extra_whitespaces = False
-    return spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+    return spm.processor(proto)
 
 
 def pieces_decomposition(new_pieces: list[str], old_rows: int, base_model_file: Path,
@@ -243,8 +219,8 @@ def torch_dtype(cfg):
     return getattr(torch, name)
 
 
-def _resize_for_adapter(model, adapter_dir: str) -> None:
-    rows = adapter_vocab_rows(adapter_dir)
+def _resize_for_adapter(model, adapter_dir: str, flag: str) -> None:
+    rows = adapter_vocab_rows(adapter_dir, flag)
     if rows and rows > model.get_input_embeddings().weight.shape[0]:
         # The adapter's saved embed_tokens/lm_head replace these rows wholesale.
         model.resize_token_embeddings(rows, mean_resizing=False)
@@ -279,7 +255,7 @@ def load_model(cfg, tok, plan: VocabPlan) -> LoadedModel:
         raise CheckpointError(f"--model_name_or_path {cfg.model_name_or_path}: cannot load the model ({exc})") from exc
     notes = list(plan.notes)
     for adapter in cfg.lora:
-        _resize_for_adapter(model, adapter)
+        _resize_for_adapter(model, adapter, "--lora")
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
         notes.append(f"merged {adapter} into the base in memory")
     resize_vocab(model, plan, tok, cfg.init_new_embeddings)
@@ -289,7 +265,7 @@ def load_model(cfg, tok, plan: VocabPlan) -> LoadedModel:
     if cfg.gradient_checkpointing:
         model.config.use_cache = False
     if cfg.peft_path:
-        _resize_for_adapter(model, cfg.peft_path)
+        _resize_for_adapter(model, cfg.peft_path, "--peft_path")
         model = PeftModel.from_pretrained(model, cfg.peft_path, is_trainable=True)
         notes.append(f"continuing adapter {cfg.peft_path}")
     else:
