@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import typer
 
+from cllama_deploy.training.stages import STAGES
+
 app = typer.Typer(help="LoRA pre-training (pt) and instruction fine-tuning (sft).", no_args_is_help=True)
 
 _PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
@@ -21,13 +23,13 @@ def _run(stage: str, ctx: typer.Context) -> None:
     train(cfg)
 
 
-@app.command("pt", context_settings=_PASS_THROUGH, add_help_option=False)
-def pt(ctx: typer.Context) -> None:
-    """LoRA incremental pre-training on a directory of .txt files (`train pt --help` lists the flags)."""
-    _run("pt", ctx)
+def _command(name: str):
+    def command(ctx: typer.Context) -> None:
+        _run(name, ctx)
+
+    command.__doc__ = STAGES[name].summary
+    app.command(name, context_settings=_PASS_THROUGH, add_help_option=False)(command)
 
 
-@app.command("sft", context_settings=_PASS_THROUGH, add_help_option=False)
-def sft(ctx: typer.Context) -> None:
-    """LoRA instruction fine-tuning on Alpaca JSON/JSONL (`train sft --help` lists the flags)."""
-    _run("sft", ctx)
+for _name in STAGES:
+    _command(_name)

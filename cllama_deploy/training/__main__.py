@@ -1,12 +1,29 @@
 """Entry point for launchers: ``torchrun --nproc_per_node N -m cllama_deploy.training pt|sft [flags]``.
 
-The same flags as ``cllama-deploy train pt|sft``; user errors print one line and exit 2.
+The same flags as ``cllama-deploy train pt|sft``; user errors print one line and exit 2. Under torchrun
+that line is followed by torchrun's own report of the failed worker (a ``ChildFailedError`` traceback):
+with ``CLLAMA_ERROR_FILE`` set, the line is also appended to that file, so the launch recipes
+(training/run_*.sh) can print it again after torchrun's report, last and alone.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+
+ERROR_FILE_ENV = "CLLAMA_ERROR_FILE"
+
+
+def _record_error(line: str) -> None:
+    path = os.environ.get(ERROR_FILE_ENV)
+    if not path:
+        return
+    try:
+        # one write of one line in append mode: the lines of several failing ranks do not interleave
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(line + "\n")
+    except OSError:
+        pass  # the error is on stderr already
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         rank = os.environ.get("RANK")
         prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
         print(f"error: {prefix}{exc}", file=sys.stderr)
+        _record_error(f"error: {exc}")  # without the rank: every rank usually fails the same way
         return exc.exit_code
     return 0
 

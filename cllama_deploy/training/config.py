@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from cllama_deploy.errors import ConfigError
+from cllama_deploy.prompts import FORMATS
+from cllama_deploy.tokenizer.hf import DEFAULT_HF_TARGET, HF_TARGET_HELP, HF_TARGETS
 
 SEED_TARGETS = "q_proj,v_proj,k_proj,o_proj,gate_proj,down_proj,up_proj"
 SEED_MODULES_TO_SAVE = "embed_tokens,lm_head"
@@ -44,9 +46,10 @@ UNSUPPORTED_FLAGS = {
 
 
 def flag(default: Any = None, help: str = "", *, choices: tuple | None = None,
-         seed_compat: bool = False, **kw) -> Any:
-    """A dataclass field with help text (shown by ``--help``) and optional choices."""
-    meta = {"help": help, "choices": choices, "seed_compat": seed_compat}
+         seed_compat: bool = False, path: bool = False, **kw) -> Any:
+    """A dataclass field with help text (shown by ``--help``) and optional choices. ``path``: the value is a
+    file or directory (recorded as an absolute path in the training record)."""
+    meta = {"help": help, "choices": choices, "seed_compat": seed_compat, "path": path}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta, **kw)
     return field(default=default, metadata=meta, **kw)
@@ -65,15 +68,15 @@ class TrainConfig:
 
     # --- model and tokenizer
     model_name_or_path: Optional[str] = flag(None, "Base LLaMA in HF format (a directory with config.json "
-                                              "and safetensors/bin weights). Required.")
+                                              "and safetensors/bin weights). Required.", path=True)
     tokenizer_name_or_path: Optional[str] = flag(None, "Tokenizer: a directory with tokenizer.model (and HF "
                                                  "tokenizer files) or a SentencePiece .model file. "
-                                                 "Default: the model directory.")
+                                                 "Default: the model directory.", path=True)
     base_tokenizer_path: Optional[str] = flag(None, "The base model's own tokenizer.model, used to "
                                               "initialize new embedding rows. Default: "
                                               "<model_name_or_path>/tokenizer.model, or the "
                                               "tokenizer.model of the last --lora adapter that "
-                                              "grew the vocabulary.")
+                                              "grew the vocabulary.", path=True)
     init_new_embeddings: str = flag("mean_of_pieces", "How to initialize rows added when the tokenizer is "
                                     "larger than the model: mean_of_pieces (mean of the base embeddings of "
                                     "the pieces the base tokenizer splits the new piece into) or default "
@@ -82,9 +85,9 @@ class TrainConfig:
                             "--fp16/--bf16, else float32), float32, float16, bfloat16.",
                             choices=("auto", "float32", "float16", "bfloat16"))
     # --- data
-    dataset_dir: Optional[str] = flag(None, "Directory of training files. Required.")
+    dataset_dir: Optional[str] = flag(None, "Directory of training files. Required.", path=True)
     data_cache_dir: Optional[str] = flag(None, "Where tokenized data is cached (keyed by file content, "
-                                         "tokenizer and options). Default: <output_dir>/data_cache.")
+                                         "tokenizer and options). Default: <output_dir>/data_cache.", path=True)
     validation_split_percentage: float = flag(1.0, "Percent (0-100) of examples held out for evaluation; "
                                               "at least one example when > 0. Note: a real percentage "
                                               "(the seed's 0.001 was a fraction).")
@@ -97,11 +100,12 @@ class TrainConfig:
     modules_to_save: Optional[str] = flag(SEED_MODULES_TO_SAVE, "Comma-separated modules trained fully and "
                                           "saved whole in the adapter ('none' for none).")
     peft_path: Optional[str] = flag(None, "Continue training this existing PEFT adapter instead of creating "
-                                    "a new LoRA.")
+                                    "a new LoRA.", path=True)
     lora: list = flag([], "An earlier adapter to merge into the base in memory before training "
-                      "(repeatable, applied in order; the 'Plus' recipe: PT adapter then SFT).")
+                      "(repeatable, applied in order; the 'Plus' recipe: PT adapter then SFT).", path=True)
     # --- optimisation
-    output_dir: Optional[str] = flag(None, "Output directory: checkpoints and the final adapter. Required.")
+    output_dir: Optional[str] = flag(None, "Output directory: checkpoints and the final adapter. Required.",
+                                     path=True)
     max_steps: int = flag(-1, "Total optimizer steps (overrides --num_train_epochs when > 0).")
     num_train_epochs: float = flag(1.0, "Epochs, when --max_steps is not set.")
     per_device_train_batch_size: int = flag(1, "Micro-batch size per device.")
@@ -130,19 +134,28 @@ class TrainConfig:
     do_eval: Optional[bool] = flag(None, "Evaluate on the validation split (default: when there is one).")
     eval_before_train: bool = flag(False, "Also evaluate once before training, so the summary shows the "
                                    "eval loss before and after.")
-    resume: Optional[str] = flag(None, "Resume from the latest checkpoint in --output_dir (bare flag) or from "
-                                 "the given checkpoint directory.")
-    overwrite_output_dir: bool = flag(False, "Delete existing checkpoints in --output_dir and start over.")
+    resume: Optional[str] = flag(None, "Resume from the latest complete checkpoint in --output_dir (bare flag; an "
+                                 "error when there is none) or from the given checkpoint directory. Without "
+                                 "the flag a run resumes anyway when --output_dir has a complete checkpoint.",
+                                 path=True)
+    overwrite_output_dir: bool = flag(False, "Delete the checkpoints in --output_dir and start over (instead of "
+                                      "resuming from the latest one).")
     dataloader_num_workers: int = flag(0, "DataLoader worker processes.")
-    deepspeed: Optional[str] = flag(None, "DeepSpeed JSON config (needs the deepspeed package).")
+    deepspeed: Optional[str] = flag(None, "DeepSpeed JSON config (needs the deepspeed package).", path=True)
     ddp_find_unused_parameters: Optional[bool] = flag(None, "DDP find_unused_parameters (default False under "
                                                       "torchrun).")
     ddp_timeout: int = flag(1800, "Seconds before a distributed collective times out.")
-    logging_first_step: bool = flag(False, "Also log the first step.", seed_compat=True)
+    logging_first_step: bool = flag(True, "Also log the first step (so the progress bar has a loss from step 1).",
+                                    seed_compat=True)
     report_to: str = flag("none", "Experiment trackers for transformers (none, tensorboard, wandb, ...).")
     config: Optional[str] = flag(None, "YAML file with any of these options (flags given on the command line "
-                                 "win).")
+                                 "win).", path=True)
     progress_bar: bool = flag(True, "Show the Rich progress bar.")
+    hf_target: str = flag(DEFAULT_HF_TARGET, HF_TARGET_HELP + " Written with the adapter and every checkpoint.",
+                          choices=HF_TARGETS)
+    check: bool = flag(False, "Only check the options, files, tokenizer, vocabulary and checkpoints (before torch "
+                       "is imported), print what training would do, and exit. The recipes run this before "
+                       "torchrun.")
 
     # The seed's scripts accepted these TrainingArguments; they are fixed here and accepted for
     # compatibility (validated so a different value is not silently ignored).
@@ -210,6 +223,8 @@ class TrainConfig:
             raise ConfigError("--resume and --overwrite_output_dir contradict each other; pick one")
         if not self.do_train and not self.do_eval:
             raise ConfigError("nothing to do: both --do_train and --do_eval are off")
+        if self.hf_target not in HF_TARGETS:
+            raise ConfigError(f"--hf_target {self.hf_target!r}: choose one of {', '.join(HF_TARGETS)}")
 
     # --- derived values
     @property
@@ -227,10 +242,6 @@ class TrainConfig:
     @property
     def tokenizer_path(self) -> str:
         return self.tokenizer_name_or_path or self.model_name_or_path
-
-    @property
-    def adapter_name(self) -> str:
-        return f"{self.stage}_lora_model"
 
 
 @dataclass
@@ -255,10 +266,11 @@ class SFTConfig(TrainConfig):
     max_seq_length: int = flag(512, "Prompt + response tokens are truncated to this length.")
     prompt_template: str = flag("alpaca", "Prompt template: alpaca (the seed's v1 training prompt) or "
                                 "alpaca-2 (LLaMA-2 chat format with a system prompt).",
-                                choices=("alpaca", "alpaca-2"))
+                                choices=tuple(FORMATS))
     system_prompt: Optional[str] = flag(None, "System prompt for --prompt_template alpaca-2.")
     validation_file: Optional[str] = flag(None, "A separate Alpaca JSON/JSONL file for evaluation (instead "
-                                          "of splitting --validation_split_percentage off the data).")
+                                          "of splitting --validation_split_percentage off the data).",
+                                          path=True)
     learning_rate: float = flag(1e-4, "Peak learning rate.")
 
     stage = "sft"
@@ -267,6 +279,8 @@ class SFTConfig(TrainConfig):
         super().__post_init__()
         if self.max_seq_length < 2:
             raise ConfigError(f"--max_seq_length must be >= 2, got {self.max_seq_length}")
+        if self.prompt_template not in FORMATS:
+            raise ConfigError(f"--prompt_template {self.prompt_template!r}: choose one of {', '.join(FORMATS)}")
         if self.validation_file and not Path(self.validation_file).is_file():
             raise ConfigError(f"--validation_file {self.validation_file}: no such file")
 
@@ -426,5 +440,17 @@ def parse_args(stage: str, argv: list[str]) -> TrainConfig | None:
 
 
 def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
-    """Options as a plain dict (written next to the adapter as training_config.yaml)."""
+    """Options as a plain dict."""
     return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+
+
+def config_record(cfg: TrainConfig) -> dict[str, Any]:
+    """The options as ``{stage}_training_config.json`` records them: paths made absolute, so the record still
+    says which base and adapters were used when the adapter is copied elsewhere (the merge reads it)."""
+    out = config_to_dict(cfg)
+    for f in dataclasses.fields(cfg):
+        value = out[f.name]
+        if not f.metadata.get("path") or value in (None, "", "latest"):
+            continue
+        out[f.name] = [str(Path(v).resolve()) for v in value] if isinstance(value, list) else str(Path(value).resolve())
+    return out

@@ -107,11 +107,19 @@ class StopAt:
         return _Stop()
 
 
+def _tensors(adapter_dir):
+    from safetensors.numpy import load_file
+
+    return {k: v.tobytes() for k, v in load_file(str(adapter_dir / "adapter_model.safetensors")).items()}
+
+
 def _losses(history):
     return {h["step"]: h["loss"] for h in history if "loss" in h}
 
 
-def test_resume_is_exact(tmp_path, merged_model_dir, merged_tok_dir, pt_data_dir):
+def test_resume_is_exact(tmp_path, merged_model_dir, merged_tok_dir, pt_data_dir, capsys):
+    """A plain re-run of an interrupted run resumes it (no --resume needed; issue 14 item 3), says from which
+    checkpoint, and continues with the losses of a run that was never interrupted."""
     common = dict(model_name_or_path=str(merged_model_dir), tokenizer_name_or_path=str(merged_tok_dir),
                   dataset_dir=str(pt_data_dir), data_cache_dir=str(tmp_path / "cache"), block_size=32,
                   per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=8,
@@ -123,7 +131,11 @@ def test_resume_is_exact(tmp_path, merged_model_dir, merged_tok_dir, pt_data_dir
     # a checkpoint cut short by a kill while saving (no trainer_state.json yet) is skipped
     (tmp_path / "part" / "checkpoint-5").mkdir()
     (tmp_path / "part" / "checkpoint-5" / "adapter_model.safetensors").write_bytes(b"partial")
-    resumed = train(PTConfig(output_dir=str(tmp_path / "part"), resume="latest", **common))
+    capsys.readouterr()
+    resumed = train(PTConfig(output_dir=str(tmp_path / "part"), **common))
+    err = capsys.readouterr().err
+    assert f"resuming from {tmp_path / 'part' / 'checkpoint-4'} (step 4 of 8; found in --output_dir" in err
+    assert "skipping checkpoint-5: cut short while saving" in err
     assert resumed.resumed_from.endswith("checkpoint-4") and resumed.global_step == 8
     a, b = _losses(full.log_history), _losses(resumed.log_history)
     assert [s for s in b if s > 4] == [5, 6, 7, 8]
@@ -131,19 +143,84 @@ def test_resume_is_exact(tmp_path, merged_model_dir, merged_tok_dir, pt_data_dir
         assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), (step, a, b)
     assert _losses(part.log_history) == {s: a[s] for s in (1, 2, 3, 4)}
 
+    # a re-run of the finished run trains nothing (the Trainer alone would train a 9th step) and writes the
+    # adapter of its last checkpoint
+    capsys.readouterr()
+    done = train(PTConfig(output_dir=str(tmp_path / "part"), **common))
+    assert "checkpoint-8 is the last step of the run: nothing left to train" in capsys.readouterr().err
+    assert done.global_step == 8 and max(_losses(done.log_history)) == 8
+    assert _tensors(done.adapter_dir) == _tensors(tmp_path / "part" / "checkpoint-8")
 
-def test_existing_checkpoints_need_resume_or_overwrite(tmp_path, merged_model_dir, pt_data_dir):
-    from cllama_deploy.errors import ConfigError
+    # --overwrite_output_dir deletes the run's checkpoints and starts over
+    again = train(PTConfig(output_dir=str(tmp_path / "part"), **dict(common, max_steps=2, save_steps=1000),
+                           overwrite_output_dir=True))
+    assert again.resumed_from is None and again.global_step == 2
+    assert sorted(p.name for p in (tmp_path / "part").glob("checkpoint-*")) == ["checkpoint-2"]
+    assert _losses(again.log_history) == {1: a[1], 2: a[2]}
 
-    (tmp_path / "o" / "checkpoint-3").mkdir(parents=True)
-    cfg = PTConfig(model_name_or_path=str(merged_model_dir), dataset_dir=str(pt_data_dir),
-                   output_dir=str(tmp_path / "o"), max_steps=1)
-    with pytest.raises(ConfigError, match="--resume .*--overwrite_output_dir"):
-        train(cfg)
-    cfg = PTConfig(model_name_or_path=str(merged_model_dir), dataset_dir=str(pt_data_dir),
-                   output_dir=str(tmp_path / "empty"), max_steps=1, resume="latest")
-    with pytest.raises(ConfigError, match="no complete checkpoint"):
-        train(cfg)
+
+def test_every_checkpoint_is_deployable(pt_run, base_model_dir, merged_size, tmp_path):
+    """checkpoint-N/ carries the training tokenizer and record as the final adapter does (issue 9 item 6):
+    `merge` and `deploy` of a checkpoint work and give the final adapter's model."""
+    import numpy as np
+
+    from cllama_deploy.cli import main as cli_main
+    from cllama_deploy.checkpoint.hf import open_hf
+    from cllama_deploy.gguf.reader import scan_gguf
+
+    cfg, res = pt_run
+    ckpt = Path(cfg.output_dir) / "checkpoint-30"  # the Trainer saves at the last step
+    assert (ckpt / "trainer_state.json").is_file()
+    for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "pt_training_config.json"):
+        assert (ckpt / name).read_bytes() == (res.adapter_dir / name).read_bytes(), name
+    assert cli_main(["merge", "--base", str(base_model_dir), "--lora", str(ckpt), "--out", str(tmp_path / "m")]) == 0
+    assert cli_main(["merge", "--base", str(base_model_dir), "--lora", str(res.adapter_dir),
+                     "--out", str(tmp_path / "final")]) == 0
+    got, want = open_hf(tmp_path / "m"), open_hf(tmp_path / "final")
+    assert got.config["vocab_size"] == merged_size and sorted(got.names()) == sorted(want.names())
+    for name in want.names():
+        np.testing.assert_array_equal(got.get(name), want.get(name))
+    assert (tmp_path / "m" / "tokenizer.model").read_bytes() == (res.adapter_dir / "tokenizer.model").read_bytes()
+    assert cli_main(["deploy", "--base", str(base_model_dir), "--lora", str(ckpt), "--quant", "F16",
+                     "--out", str(tmp_path / "d"), "--name", "ckpt", "--threads", "1"]) == 0
+    assert scan_gguf(tmp_path / "d" / "ckpt-F16.gguf").fields["tokenizer.ggml.tokens"].count == merged_size
+
+
+def test_progress_bar_shows_a_loss_not_nan(tmp_path, merged_model_dir, merged_tok_dir, pt_data_dir, capsys):
+    """A run shorter than --logging_steps used to end on `loss nan` (issue 14 item 9): the bar shows the
+    train loss then, and a dash (never nan) before any loss is known."""
+    cfg = PTConfig(model_name_or_path=str(merged_model_dir), tokenizer_name_or_path=str(merged_tok_dir),
+                   dataset_dir=str(pt_data_dir), output_dir=str(tmp_path / "o"), block_size=32,
+                   per_device_train_batch_size=2, max_steps=5, logging_steps=10, logging_first_step=False,
+                   validation_split_percentage=0.0, save_steps=1000, lora_rank=4, progress_bar=True)
+    capsys.readouterr()
+    res = train(cfg)
+    err = capsys.readouterr().err
+    assert "nan" not in err.lower()
+    bar = [ln for ln in err.splitlines() if ln.startswith("training") and "5/5" in ln]
+    assert bar and f"loss {res.train_loss:.4f}" in bar[-1], err
+
+
+def test_progress_bar_before_the_first_log():
+    from transformers import TrainerControl, TrainerState
+
+    from cllama_deploy.training.run import NO_LOSS, _make_progress_callback
+
+    cb = _make_progress_callback(True)
+    state, control = TrainerState(max_steps=5, is_world_process_zero=True), TrainerControl()
+    cb.on_train_begin(None, state, control)
+    try:
+        shown = lambda: cb.bar.tasks[0].fields["loss"]  # noqa: E731
+        assert shown() == NO_LOSS
+        state.global_step = 1
+        cb.on_step_end(None, state, control)
+        assert shown() == NO_LOSS
+        cb.on_log(None, state, control, logs={"loss": 2.5, "learning_rate": 1e-4})
+        assert shown() == "2.5000"
+        cb.on_log(None, state, control, logs={"train_loss": 3.0})  # the end-of-run average does not replace it
+        assert shown() == "2.5000"
+    finally:
+        cb.on_train_end(None, state, control)
 
 
 def test_sft_from_pt_adapter_reduces_eval_loss(tmp_path, pt_run, base_model_dir, merged_tok_dir, sft_data_dir,
