@@ -32,42 +32,58 @@ if [[ -n "${validation_file}" ]]; then
   extra+=(--validation_file "${validation_file}")
 fi
 
-torchrun --nnodes 1 --nproc_per_node "${nproc}" -m cllama_deploy.training sft \
-    "${extra[@]}" \
-    --model_name_or_path "${pretrained_model}" \
-    --tokenizer_name_or_path "${chinese_tokenizer_path}" \
-    --dataset_dir "${dataset_dir}" \
-    --data_cache_dir "${data_cache}" \
-    --per_device_train_batch_size ${per_device_train_batch_size} \
-    --per_device_eval_batch_size ${per_device_train_batch_size} \
-    --do_train \
-    --do_eval \
-    --seed $RANDOM \
-    --fp16 \
-    --num_train_epochs 1 \
-    --lr_scheduler_type cosine \
-    --learning_rate ${lr} \
-    --warmup_ratio 0.03 \
-    --weight_decay 0 \
-    --logging_strategy steps \
-    --logging_steps 10 \
-    --save_strategy steps \
-    --save_total_limit 3 \
-    --eval_steps 100 \
-    --save_steps 200 \
-    --gradient_accumulation_steps ${gradient_accumulation_steps} \
-    --preprocessing_num_workers 8 \
-    --max_seq_length ${max_seq_length} \
-    --output_dir "${output_dir}" \
-    --overwrite_output_dir \
-    --ddp_timeout 30000 \
-    --logging_first_step True \
-    --lora_rank ${lora_rank} \
-    --lora_alpha ${lora_alpha} \
-    --trainable ${lora_trainable} \
-    --modules_to_save ${modules_to_save} \
-    --lora_dropout ${lora_dropout} \
-    --torch_dtype float16 \
-    --gradient_checkpointing \
-    --ddp_find_unused_parameters False \
-    "$@"
+args=(
+  "${extra[@]}"
+  --model_name_or_path "${pretrained_model}"
+  --tokenizer_name_or_path "${chinese_tokenizer_path}"
+  --dataset_dir "${dataset_dir}"
+  --data_cache_dir "${data_cache}"
+  --per_device_train_batch_size ${per_device_train_batch_size}
+  --per_device_eval_batch_size ${per_device_train_batch_size}
+  --do_train
+  --do_eval
+  --seed $RANDOM
+  --fp16
+  --num_train_epochs 1
+  --lr_scheduler_type cosine
+  --learning_rate ${lr}
+  --warmup_ratio 0.03
+  --weight_decay 0
+  --logging_strategy steps
+  --logging_steps 10
+  --save_strategy steps
+  --save_total_limit 3
+  --eval_steps 100
+  --save_steps 200
+  --gradient_accumulation_steps ${gradient_accumulation_steps}
+  --preprocessing_num_workers 8
+  --max_seq_length ${max_seq_length}
+  --output_dir "${output_dir}"
+  --ddp_timeout 30000
+  --logging_first_step True
+  --lora_rank ${lora_rank}
+  --lora_alpha ${lora_alpha}
+  --trainable ${lora_trainable}
+  --modules_to_save ${modules_to_save}
+  --lora_dropout ${lora_dropout}
+  --torch_dtype float16
+  --gradient_checkpointing
+  --ddp_find_unused_parameters False
+)
+
+# A re-run with the same --output_dir (after a crash, say) continues from its latest complete checkpoint-N;
+# nothing is deleted. To start over instead: append --overwrite_output_dir.
+# The options are checked first, without torch (a mistake is one line and exit 2, in a second, before
+# torchrun starts its processes); an error inside training is printed again after torchrun's report.
+"${PYTHON:-python}" -m cllama_deploy.training sft --check "${args[@]}" "$@"
+error_file=$(mktemp)
+trap 'rm -f "$error_file"' EXIT
+status=0
+CLLAMA_ERROR_FILE="$error_file" torchrun --nnodes 1 --nproc_per_node "${nproc}" -m cllama_deploy.training sft \
+    "${args[@]}" "$@" || status=$?
+if [[ $status -ne 0 && -s "$error_file" ]]; then
+  echo >&2
+  awk '!seen[$0]++' "$error_file" >&2
+  exit 2
+fi
+exit $status

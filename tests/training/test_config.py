@@ -157,5 +157,9 @@ def test_run_scripts_use_known_flags():
     for stage in ("pt", "sft"):
         text = (root / f"run_{stage}.sh").read_text()
         known = {o for a in build_parser(stage)._actions for o in a.option_strings}
-        flags = set(re.findall(r"(--[a-z0-9_]+)", text.split("cllama_deploy.training", 1)[1]))
-        assert flags and flags <= known, flags - known
+        options = text.split("\nargs=(\n", 1)[1].split("\n)\n", 1)[0]  # the options both commands get
+        extras = re.findall(r"\+?=\((--[a-z0-9_]+)", text)  # --deepspeed, --lora, --validation_file
+        check = re.findall(r"cllama_deploy\.training %s (--[a-z0-9_]+)" % stage, text)
+        flags = set(re.findall(r"(--[a-z0-9_]+)", options)) | set(extras) | set(check)
+        assert len(flags) > 30 and "--check" in flags and flags <= known, flags - known
+        assert "--overwrite_output_dir" not in text.replace("append --overwrite_output_dir", "")
