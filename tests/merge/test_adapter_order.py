@@ -95,6 +95,7 @@ def test_an_adapter_trained_on_the_base_alone_after_another(trained_case, tmp_pa
     record = json.loads((c.sft.parent / "sft_training_config.json").read_text())
     record.update(lora=[])
     (alone.parent / "sft_training_config.json").write_text(json.dumps(record))
+    (alone / "sft_training_config.json").write_text(json.dumps(record))  # training writes it inside too
     with pytest.raises(CheckpointError, match=rf"{alone} was trained on the base with no adapter merged before it .*"
                        rf"but {c.pt} come\(s\) before it"):
         merged_source(c.base, [c.pt, alone])
@@ -106,6 +107,7 @@ def test_continued_adapter_is_not_stacked_on_what_it_continued(trained_case, tmp
     record = json.loads((c.pt.parent / "pt_training_config.json").read_text())
     record.update(peft_path=str(c.pt), output_dir=str(cont.parent))
     (cont.parent / "pt_training_config.json").write_text(json.dumps(record))
+    (cont / "pt_training_config.json").write_text(json.dumps(record))  # training writes it inside too
     with pytest.raises(CheckpointError, match=rf"{cont} continued the training of {c.pt} .*without --lora {c.pt}"):
         merged_source(c.base, [c.pt, cont], check_tokenizer=False)
 
