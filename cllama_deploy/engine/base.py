@@ -74,6 +74,10 @@ class SamplingParams:
     ``logprobs=None`` returns no log-probabilities; ``logprobs=k`` returns the chosen token's and the
     ``k`` most likely tokens' log-probabilities at each step (``k`` may be 0).
     ``grammar`` is GBNF text (llama.cpp grammar) that constrains the output.
+    ``prompt_logprobs=k`` also scores the prompt: the log-probability of every prompt token after the
+    first (and the ``k`` most likely tokens there), for ``echo`` with ``logprobs`` (lm-eval's
+    loglikelihood). The whole prompt is then computed (no prefix-cache reuse), and ``max_tokens=0``
+    still runs the prompt.
     """
 
     max_tokens: Optional[int] = None
@@ -91,6 +95,7 @@ class SamplingParams:
     logprobs: Optional[int] = None
     logit_bias: dict[int, float] = field(default_factory=dict)
     grammar: Optional[str] = None
+    prompt_logprobs: Optional[int] = None
 
 
 @dataclass
@@ -142,6 +147,8 @@ class Chunk:
 
     The last chunk of every stream has ``finish_reason`` (``"stop"`` or ``"length"``) and ``usage``;
     its text may be empty. ``logprobs`` has one entry per token in ``token_ids`` when requested.
+    ``prompt_logprobs`` (with ``SamplingParams.prompt_logprobs``) comes once, on a chunk without text
+    sent when the prompt has been computed: one entry per prompt token from the second on.
     """
 
     text: str
@@ -152,6 +159,7 @@ class Chunk:
     # set on the final chunk: seconds from submission to the first token, and decode speed
     time_to_first_token: Optional[float] = None
     tokens_per_second: Optional[float] = None
+    prompt_logprobs: Optional[list[TokenLogprob]] = None
 
 
 @dataclass

@@ -624,11 +624,6 @@ def prepare_completion(engine: Engine, body: Union[CompletionRequest, Mapping[st
     if body.suffix:
         raise InvalidRequest("suffix (fill-in-the-middle) is not supported", param="suffix",
                                code="unsupported_parameter")
-    if body.echo and body.logprobs is not None:
-        # issue 12 (lm-eval): needs prompt log-probabilities from the engine
-        raise InvalidRequest("echo together with logprobs is not supported (prompt "
-                               "log-probabilities are not computed)", param="echo",
-                               code="unsupported_parameter")
     prompts, texts = completion_prompts(engine, body.prompt, bool(body.echo))
     check_n(n, len(prompts), config)
     max_tokens = _max_tokens(body, body.max_tokens)
@@ -638,19 +633,24 @@ def prepare_completion(engine: Engine, body: Union[CompletionRequest, Mapping[st
                              stop=stop_list(body.stop), logprobs=body.logprobs,
                              grammar=grammar_for(body.response_format, json_schema=body.json_schema,
                                                  grammar=body.grammar))
+    # echo + logprobs scores the prompt too (lm-eval's loglikelihood; max_tokens 0: only that)
+    scored = bool(body.echo) and body.logprobs is not None
+    if scored:
+        params = dataclasses.replace(params, prompt_logprobs=body.logprobs)
     rid = "cmpl-" + uuid.uuid4().hex
     deadline = _deadline(config)
-    reqs, indexes, echoes = [], [], []
+    reqs, indexes, echoes, firsts = [], [], [], []
     for pi, toks in enumerate(prompts):
         for j in range(n):
             reqs.append(GenerationRequest(toks, _seeded(params, j), rid, deadline))
             indexes.append(pi * n + j)
             echoes.append(texts[pi] if body.echo else "")
+            firsts.append(engine.token_piece(toks[0]) if scored and toks else None)
     want_lp, with_top = body.logprobs is not None, bool(body.logprobs)
     return Prepared(
         kind="completion", id=rid, created=int(time.time()), model=engine.info.id, requests=reqs,
         indexes=indexes, prompt_tokens=sum(len(t) for t in prompts), prompt_param="prompt",
-        output=lambda: _CompletionOutput(want_lp, with_top, echoes), stream=bool(body.stream),
+        output=lambda: _CompletionOutput(want_lp, with_top, echoes, firsts), stream=bool(body.stream),
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
         user=body.user, body=body, n=n)
 
@@ -686,6 +686,33 @@ def completion_logprobs(items: list[TokenLogprob], offset: int, with_top: bool) 
                               text_offset=offsets)
 
 
+def echo_logprobs(first: bytes, items: list[TokenLogprob], echo: str, with_top: bool) -> CompletionLogprobs:
+    """The echoed prompt's tokens in OpenAI's legacy shape: the first token has no log-probability
+    (``null``, as its top alternatives), each later one its log-probability given the tokens before.
+
+    ``text_offset`` indexes the echoed text; a SentencePiece vocabulary's dummy-prefix space, which
+    the echo does not show, is not counted.
+    """
+    pieces = [first] + [lp.token for lp in items]
+    text = "".join(p.decode("utf-8", errors="ignore") for p in pieces)
+    drop = 1 if text.startswith(" ") and not echo.startswith(" ") else 0
+    offsets, pos = [], 0
+    for p in pieces:
+        offsets.append(max(0, pos - drop))
+        pos += len(p.decode("utf-8", errors="ignore"))
+    tops = [None] + [{_tok_str(t.token): t.logprob for t in lp.top} for lp in items]
+    return CompletionLogprobs(tokens=[_tok_str(p) for p in pieces],
+                              token_logprobs=[None] + [lp.logprob for lp in items],
+                              top_logprobs=tops if with_top else None, text_offset=offsets)
+
+
+def _joined(a: CompletionLogprobs, b: CompletionLogprobs) -> CompletionLogprobs:
+    return CompletionLogprobs(
+        tokens=a.tokens + b.tokens, token_logprobs=a.token_logprobs + b.token_logprobs,
+        top_logprobs=None if a.top_logprobs is None else a.top_logprobs + (b.top_logprobs or []),
+        text_offset=a.text_offset + b.text_offset)
+
+
 @dataclass
 class _Choice:
     """One finished choice: its text, token ids, log-probabilities and the engine's final chunk."""
@@ -694,6 +721,7 @@ class _Choice:
     token_ids: list[int]
     logprobs: list[TokenLogprob]
     final: Chunk
+    prompt_logprobs: Optional[list[TokenLogprob]] = None  # echo + logprobs: the prompt's
 
 
 class _Output:
@@ -765,22 +793,33 @@ class _CompletionOutput(_Output):
     streaming the formatter keeps the current choice's offset (choices stream one after another).
     """
 
-    def __init__(self, want_lp: bool, with_top: bool, echoes: list[str]):
+    def __init__(self, want_lp: bool, with_top: bool, echoes: list[str],
+                 firsts: Optional[list[Optional[bytes]]] = None):
         self.want_lp, self.with_top, self.echoes = want_lp, with_top, echoes
+        # the prompt's first token when the prompt is scored (echo + logprobs): its echo waits for them
+        self.firsts = firsts or [None] * len(echoes)
         self.offset = 0
 
     def choice(self, k, index, c):
         echo = self.echoes[k]
-        return CompletionChoice(
-            index=index, text=echo + c.text, finish_reason=c.final.finish_reason,
-            logprobs=completion_logprobs(c.logprobs, len(echo), self.with_top) if self.want_lp else None)
+        lp = completion_logprobs(c.logprobs, len(echo), self.with_top) if self.want_lp else None
+        if lp is not None and self.firsts[k] is not None:
+            lp = _joined(echo_logprobs(self.firsts[k], c.prompt_logprobs or [], echo, self.with_top), lp)
+        return CompletionChoice(index=index, text=echo + c.text, finish_reason=c.final.finish_reason,
+                                logprobs=lp)
 
     def opening(self, k, index):
         echo = self.echoes[k]
         self.offset = len(echo)
+        if self.firsts[k] is not None:
+            return []  # sent with the prompt's log-probabilities
         return [CompletionChunkChoice(index=index, text=echo)] if echo else []
 
     def piece(self, k, index, c):
+        if c.prompt_logprobs is not None and self.firsts[k] is not None:
+            echo = self.echoes[k]
+            return CompletionChunkChoice(index=index, text=echo, logprobs=echo_logprobs(
+                self.firsts[k], c.prompt_logprobs, echo, self.with_top))
         if not (c.text or (self.want_lp and c.logprobs)):
             return None
         lp = (completion_logprobs(c.logprobs or [], self.offset, self.with_top) if self.want_lp
@@ -821,6 +860,7 @@ class Run:
         self._text: list[str] = []
         self._ids: list[int] = []
         self._lps: list[TokenLogprob] = []
+        self._plps: Optional[list[TokenLogprob]] = None
         self._final: Optional[Chunk] = None
 
     def cancel(self) -> None:
@@ -829,7 +869,7 @@ class Run:
 
     # -- one choice's events; the drivers below only differ in `for` / `async for` --------------
     def _begin(self, k: int, emit: bool) -> list:
-        self._text, self._ids, self._lps, self._final = [], [], [], None
+        self._text, self._ids, self._lps, self._final, self._plps = [], [], [], None, None
         opening = self._out.opening(k, self.prepared.indexes[k])  # (keeps the output's state too)
         return [self.prepared.chunk([c]) for c in opening] if emit else []
 
@@ -838,6 +878,8 @@ class Run:
         self._ids.extend(c.token_ids)
         if c.logprobs:
             self._lps.extend(c.logprobs)
+        if c.prompt_logprobs is not None:
+            self._plps = c.prompt_logprobs
         if c.finish_reason:
             self._final = c
         if stream:
@@ -861,7 +903,7 @@ class Run:
             self.on_final(final)
         index = self.prepared.indexes[k]
         self._choices.append(self._out.choice(k, index, _Choice("".join(self._text), self._ids,
-                                                                self._lps, final)))
+                                                                self._lps, final, self._plps)))
         return self.prepared.chunk([self._out.closing(k, index, final)])
 
     def usage(self) -> CompletionUsage:

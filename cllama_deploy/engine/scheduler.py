@@ -343,6 +343,10 @@ class BatchScheduler:
             return
         seq.seq_id = self._take_id()
         self._running.append(seq)
+        if seq.scores_prompt:  # every prompt position's logits are needed: compute it all
+            seq.state = State.PREFILL
+            self._make_room()
+            return
         if seq.limit <= 0:
             seq._finish("length")
             self._release(seq)
@@ -436,6 +440,7 @@ class BatchScheduler:
             idx = batch.add_run(seq.seq_id, (seq.pending,), seq.n_past, logits_last=True)
             rows.append((seq, 1, idx))
         budget = batch.room if not decoding else min(batch.room, self._prefill_budget())
+        scored: list[tuple[Sequence, int, int, int]] = []  # (seq, first batch index, position, tokens)
         for seq in self._running:
             if budget <= 0:
                 break
@@ -444,8 +449,10 @@ class BatchScheduler:
             k = min(seq.prompt_left, budget)
             last = k == seq.prompt_left
             idx = batch.add_run(seq.seq_id, seq.prompt[seq.n_past:seq.n_past + k], seq.n_past,
-                                logits_last=last)
+                                logits_last=last, logits_all=seq.scores_prompt)
             rows.append((seq, k, idx if last else None))
+            if seq.scores_prompt:
+                scored.append((seq, idx - k + 1, seq.n_past, k))
             budget -= k
         if not rows:
             return
@@ -466,6 +473,8 @@ class BatchScheduler:
                               else (seq.pending,))
             seq.n_past += k
         model = self.runner.model
+        for seq, first, start, k in scored:
+            seq.score_prompt(start, k, lambda j, b=first: self.ctx.logits(b + j), model.pieces)
         generated = 0
         for seq, k, idx in rows:
             if idx is None:
@@ -473,6 +482,12 @@ class BatchScheduler:
             if seq.state is State.PREFILL:
                 seq.state = State.DECODE
                 self._serve_followers(seq, idx)
+                if seq.scores_prompt:
+                    seq.send_prompt_logprobs()
+                    if seq.limit <= 0:  # max_tokens 0: the prompt's scores were the whole answer
+                        seq._finish("length")
+                        self._release(seq)
+                        continue
             generated += self._sample(seq, idx, model)
         with self._cond:
             self.steps += 1

@@ -172,9 +172,11 @@ class ChatCompletionRequest(_Sampling):
 class CompletionRequest(_Sampling):
     prompt: Union[str, list[str], list[int], list[list[int]]] = Field(
         ..., description="A string, a list of strings, token ids, or a list of token-id lists.")
-    max_tokens: Optional[int] = Field(16, ge=1, le=INT32, description="Default 16, as OpenAI's.")
+    max_tokens: Optional[int] = Field(16, ge=0, le=INT32, description="Default 16, as OpenAI's; 0 with "
+                                      "echo and logprobs scores the prompt only (lm-eval's loglikelihood).")
     logprobs: Optional[int] = Field(None, ge=0, le=20)
-    echo: Optional[bool] = False
+    echo: Optional[bool] = Field(False, description="Prepend the prompt to the text; with logprobs, also "
+                                 "its tokens' log-probabilities (the first one's is null).")
     suffix: Optional[str] = None
     best_of: Optional[int] = Field(None, ge=1, le=128)
     response_format: Optional[ResponseFormat] = None

@@ -55,6 +55,7 @@ class Sequence:
     assembler: TextAssembler = None  # type: ignore[assignment]
     _held_ids: list[int] = field(default_factory=list)
     _held_lp: list[TokenLogprob] = field(default_factory=list)
+    _prompt_lp: list[TokenLogprob] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.assembler = TextAssembler(self.request.params.stop)
@@ -83,6 +84,25 @@ class Sequence:
 
     def expired(self, now: float) -> bool:
         return self.request.deadline is not None and now > self.request.deadline
+
+    @property
+    def scores_prompt(self) -> bool:
+        """Wants the prompt tokens' log-probabilities: its whole prompt is computed, with logits."""
+        return self.request.params.prompt_logprobs is not None
+
+    # -- prompt scoring (echo + logprobs) ------------------------------------------------------
+    def score_prompt(self, start: int, n: int, logits: Callable[[int], np.ndarray],
+                     pieces: list[bytes]) -> None:
+        """Log-probabilities of the prompt tokens after positions ``start .. start+n-1`` just computed
+        (``logits(j)``: the row of position ``start + j``)."""
+        k = self.request.params.prompt_logprobs or 0
+        for j in range(min(n, self.n_prompt - 1 - start)):
+            self._prompt_lp.append(token_logprob(logits(j), self.prompt[start + j + 1], k, pieces))
+
+    def send_prompt_logprobs(self) -> None:
+        """The prompt's log-probabilities, once, on a chunk without text (the prompt is computed)."""
+        self.stream.put(Chunk("", prompt_logprobs=self._prompt_lp))
+        self._prompt_lp = []
 
     # -- generation ----------------------------------------------------------------------------
     def accept(self, token: int, is_eog: bool, piece: bytes,

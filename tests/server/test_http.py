@@ -425,8 +425,18 @@ def test_tools_and_two_constraints_are_refused_with_codes(url):
                  "unsupported_parameter", "functions")
     assert_error(chat(url, grammar='root ::= "a"', response_format={"type": "json_object"}), 400,
                  "invalid_value")
-    assert_error(post(url, "/v1/completions", {"prompt": "x", "echo": True, "logprobs": 1}), 400,
-                 "unsupported_parameter", "echo")
+
+
+def test_completions_echo_with_logprobs_scores_the_prompt(url):
+    """lm-eval's loglikelihood request (issue 12; values: tests/evaluation/test_lm_eval.py)."""
+    tokens = post(url, "/tokenize", {"content": "abc def"}).json()["tokens"]
+    r = post(url, "/v1/completions", {"model": "tiny", "prompt": [tokens], "max_tokens": 0, "echo": True,
+                                      "logprobs": 1, "temperature": 0})
+    assert r.status_code == 200, r.text
+    lp = r.json()["choices"][0]["logprobs"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["text_offset"]) == len(tokens)
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert all(x <= 0 for x in lp["token_logprobs"][1:]) and all(len(t) == 1 for t in lp["top_logprobs"][1:])
 
 
 # --------------------------------------------------------------------------------------------- /docs
