@@ -71,19 +71,5 @@ args=(
   --ddp_find_unused_parameters False
 )
 
-# A re-run with the same --output_dir (after a crash, say) continues from its latest complete checkpoint-N;
-# nothing is deleted. To start over instead: append --overwrite_output_dir.
-# The options are checked first, without torch (a mistake is one line and exit 2, in a second, before
-# torchrun starts its processes); an error inside training is printed again after torchrun's report.
-"${PYTHON:-python}" -m cllama_deploy.training sft --check "${args[@]}" "$@"
-error_file=$(mktemp)
-trap 'rm -f "$error_file"' EXIT
-status=0
-CLLAMA_ERROR_FILE="$error_file" torchrun --nnodes 1 --nproc_per_node "${nproc}" -m cllama_deploy.training sft \
-    "${args[@]}" "$@" || status=$?
-if [[ $status -ne 0 && -s "$error_file" ]]; then
-  echo >&2
-  awk '!seen[$0]++' "$error_file" >&2
-  exit 2
-fi
-exit $status
+source "$(dirname "${BASH_SOURCE[0]}")/launch.sh"
+launch sft "${nproc}" "${args[@]}" "$@"
