@@ -220,7 +220,6 @@ def run_quickstart(config: QuickstartConfig) -> QuickstartResult:
         files["base LLaMA (HF format)"] = "base/"
 
     from cllama_deploy.training.config import PTConfig, SFTConfig
-    from cllama_deploy.training.run import train
 
     common = dict(lora_rank=recipe.lora_rank, lora_alpha=recipe.lora_alpha, lora_dropout=0.0, warmup_ratio=0.05,
                   validation_split_percentage=0.0, save_steps=10 ** 9, save_total_limit=None, seed=s,
@@ -230,10 +229,7 @@ def run_quickstart(config: QuickstartConfig) -> QuickstartResult:
                        dataset_dir=str(data / "pt"), output_dir=str(out / "pt"), block_size=recipe.pt_block,
                        max_steps=recipe.pt_steps, per_device_train_batch_size=recipe.pt_batch,
                        learning_rate=recipe.pt_lr, logging_steps=max(1, recipe.pt_steps // 4), **common)
-        steps.say(_cmdline("train pt", cfg, out))
-        r = train(cfg, show_summary=False)
-        d.update(_train_details(r))
-        steps.say(f"{r.global_step} steps, {r.tokens:,} tokens, loss {_last_loss(r):.3f}")
+        _train_step(steps, d, "train pt", cfg, out)
         pt_adapter = out / "pt" / "pt_lora_model"
         files["PT adapter"] = "pt/pt_lora_model/"
 
@@ -243,10 +239,7 @@ def run_quickstart(config: QuickstartConfig) -> QuickstartResult:
                         dataset_dir=str(data / "sft"), output_dir=str(out / "sft"), max_seq_length=96,
                         max_steps=recipe.sft_steps, per_device_train_batch_size=recipe.sft_batch,
                         learning_rate=recipe.sft_lr, logging_steps=max(1, recipe.sft_steps // 4), **common)
-        steps.say(_cmdline("train sft", cfg, out))
-        r = train(cfg, show_summary=False)
-        d.update(_train_details(r))
-        steps.say(f"{r.global_step} steps, {r.tokens:,} tokens, loss {_last_loss(r):.3f}")
+        _train_step(steps, d, "train sft", cfg, out)
         sft_adapter = out / "sft" / "sft_lora_model"
         files["SFT adapter"] = "sft/sft_lora_model/"
     shutil.rmtree(out / ".work", ignore_errors=True)
@@ -362,6 +355,16 @@ def _tokenizers(out: Path, recipe, steps: _Steps) -> dict:
     return {"base_pieces": base.pieces, "zh_pieces": zh.pieces, "merged_pieces": merged.total_pieces,
             "added_pieces": merged.added_pieces, "padded_pieces": padded.total_pieces,
             "pt_tokens_base": base_tokens, "pt_tokens_merged": merged_tokens}
+
+
+def _train_step(steps, details: dict, stage: str, cfg, out: Path) -> None:
+    """Say the equivalent command line, train through the CLI's function, record and say how it went."""
+    from cllama_deploy.training.run import train
+
+    steps.say(_cmdline(stage, cfg, out))
+    r = train(cfg, show_summary=False)
+    details.update(_train_details(r))
+    steps.say(f"{r.global_step} steps, {r.tokens:,} tokens, loss {_last_loss(r):.3f}")
 
 
 def _cmdline(stage: str, cfg, out: Path) -> str:
