@@ -1,25 +1,12 @@
-"""Fixtures for the engine tests: a tiny random LLaMA (2 layers, hidden 64) on a 1000-piece
-SentencePiece BPE, converted to an f32 GGUF by our converter, with a 1024-token trained context so
-prompts of several hundred tokens fit. Engines run llama.cpp with 1 thread (the CPU is shared)."""
+"""Fixtures for the engine tests: engines over ``engine_gguf`` (tests/conftest.py: a tiny random LLaMA, 2 layers,
+hidden 64, on a 1000-piece SentencePiece BPE, f32 GGUF by our converter, with a 1024-token trained context so
+prompts of several hundred tokens fit). Engines run llama.cpp with 1 thread (the CPU is shared)."""
 
 from __future__ import annotations
 
 import pytest
 
-from tests import builders
 from tests.server import builders_server as bs
-
-
-@pytest.fixture(scope="session")
-def engine_sp_model(tmp_path_factory):
-    return builders.train_llama_like_sp(tmp_path_factory.mktemp("engine_sp") / "tokenizer.model",
-                                        vocab_size=1000)
-
-
-@pytest.fixture(scope="session")
-def engine_gguf(tmp_path_factory, engine_sp_model):
-    return bs.tiny_gguf(tmp_path_factory.mktemp("engine_gguf"), engine_sp_model,
-                        max_position_embeddings=1024)
 
 
 @pytest.fixture(scope="session")

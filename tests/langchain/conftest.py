@@ -1,6 +1,6 @@
-"""Fixtures for the LangChain tests: a tiny random LLaMA (2 layers, hidden 64) on a 1000-piece
-SentencePiece BPE, converted to an f32 GGUF by our converter (alpaca chat template, 1024-token trained
-context). Engines run llama.cpp with 1 thread (tests/conftest.py sets CLLAMA_N_THREADS)."""
+"""Helpers for the LangChain tests. Their model is the engine tests' ``engine_gguf`` (tests/conftest.py: a tiny
+random LLaMA on a 1000-piece BPE, f32 GGUF, 1024-token trained context); engines run llama.cpp with 1 thread
+(tests/conftest.py sets CLLAMA_N_THREADS)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,6 @@ import inspect
 
 import pytest
 
-from tests import builders
-from tests.server import builders_server as bs
 
 
 def asyncio_tests(cls):
@@ -22,14 +20,3 @@ def asyncio_tests(cls):
                     and not any(m.name == "asyncio" for m in getattr(fn, "pytestmark", [])):
                 pytest.mark.asyncio(fn)
     return cls
-
-
-@pytest.fixture(scope="session")
-def lc_sp_model(tmp_path_factory):
-    return builders.train_llama_like_sp(tmp_path_factory.mktemp("lc_sp") / "tokenizer.model",
-                                        vocab_size=1000)
-
-
-@pytest.fixture(scope="session")
-def lc_gguf(tmp_path_factory, lc_sp_model):
-    return bs.tiny_gguf(tmp_path_factory.mktemp("lc_gguf"), lc_sp_model, max_position_embeddings=1024)

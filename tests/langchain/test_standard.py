@@ -23,8 +23,8 @@ _KNOWS = "a random tiny model cannot know"
 
 
 @pytest.fixture(scope="class", autouse=True)
-def _gguf_path(request, lc_gguf):
-    request.cls.gguf = str(lc_gguf)
+def _gguf_path(request, engine_gguf):
+    request.cls.gguf = str(engine_gguf)
 
 
 def _quote_ids(path: str) -> dict[int, float]:
