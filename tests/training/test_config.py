@@ -154,12 +154,15 @@ def test_run_scripts_use_known_flags():
     from cllama_deploy.training.config import build_parser
 
     root = Path(__file__).resolve().parents[2] / "training"
+    launch = (root / "launch.sh").read_text()  # sourced by both: runs `--check`, then torchrun
     for stage in ("pt", "sft"):
         text = (root / f"run_{stage}.sh").read_text()
+        assert 'source "$(dirname "${BASH_SOURCE[0]}")/launch.sh"' in text and f"\nlaunch {stage} " in text
         known = {o for a in build_parser(stage)._actions for o in a.option_strings}
         options = text.split("\nargs=(\n", 1)[1].split("\n)\n", 1)[0]  # the options both commands get
         extras = re.findall(r"\+?=\((--[a-z0-9_]+)", text)  # --deepspeed, --lora, --validation_file
-        check = re.findall(r"cllama_deploy\.training %s (--[a-z0-9_]+)" % stage, text)
+        check = re.findall(r'cllama_deploy\.training "\$stage" (--[a-z0-9_]+)', launch)
         flags = set(re.findall(r"(--[a-z0-9_]+)", options)) | set(extras) | set(check)
         assert len(flags) > 30 and "--check" in flags and flags <= known, flags - known
-        assert "--overwrite_output_dir" not in text.replace("append --overwrite_output_dir", "")
+        for script in (text, launch):
+            assert "--overwrite_output_dir" not in script.replace("append --overwrite_output_dir", "")
