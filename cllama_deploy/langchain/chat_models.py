@@ -115,6 +115,11 @@ class ChatCLlama(BaseChatModel, CLlamaSampling, EngineOptions):
             params["ls_stop"] = list(stops)
         return params
 
+    def get_token_ids(self, text: str) -> list[int]:
+        """The model's own tokens for ``text`` (no BOS): LangChain's default would count GPT-2
+        tokens (and need transformers). Loads the model on first use."""
+        return self.get_engine().tokenize(text, add_bos=False, special=False)
+
     # -- generation ------------------------------------------------------------------------------
     def _prepare(self, engine, messages: list[BaseMessage], stop, kwargs, *,
                  stream: bool) -> rl.Prepared:

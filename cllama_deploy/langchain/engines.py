@@ -31,6 +31,14 @@ _engines: dict[tuple, Engine] = {}
 
 
 def _key(model_path: str, options: dict[str, Any]) -> tuple:
+    # an option given with its default value names the same engine as the option left out
+    # (ChatCLlama passes n_ctx=0 explicitly; shared_engine(path) does not)
+    from dataclasses import MISSING, fields
+
+    from cllama_deploy.engine.llamacpp import LlamaCppConfig
+
+    defaults = {f.name: f.default for f in fields(LlamaCppConfig) if f.default is not MISSING}
+    options = {k: v for k, v in options.items() if k not in defaults or defaults[k] != v}
     return (os.path.realpath(model_path),) + tuple(sorted(options.items()))
 
 

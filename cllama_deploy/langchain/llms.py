@@ -44,6 +44,10 @@ class CLlamaLLM(BaseLLM, CLlamaSampling, EngineOptions):
         params["ls_model_name"] = kwargs.get("model") or self.model_id
         return params
 
+    def get_token_ids(self, text: str) -> list[int]:
+        """The model's own tokens for ``text`` (no BOS), not LangChain's default GPT-2 count."""
+        return self.get_engine().tokenize(text, add_bos=False, special=False)
+
     def _prepare(self, engine, prompts, stop, kwargs, *, stream: bool = False) -> rl.Prepared:
         options = self._request_options(stop, kwargs)
         if stream:
