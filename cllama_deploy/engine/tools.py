@@ -91,6 +91,11 @@ def _tool(i: int, t: Any) -> Tool:
     if not isinstance(params, dict):
         raise InvalidRequest("function parameters must be a JSON schema object",
                              param=f"{param}.function.parameters")
+    # the same bounds as response_format's schemas (depth, repetition counts): a huge maxItems
+    # would make a huge grammar
+    from cllama_deploy.engine.requests import _check_schema
+
+    _check_schema(params, 0, f"{param}.function.parameters")
     desc = fn.get("description") or ""
     if not isinstance(desc, str):
         raise InvalidRequest("a function description must be a string",

@@ -198,6 +198,22 @@ def test_openai_streamed_tool_call_is_openai_style_deltas(client, closer_bias):
     assert "".join(d.function.arguments or "" for d in deltas) == full.function.arguments
 
 
+@pytest.mark.parametrize("params,says", [
+    ({"type": "object", "properties": {"xs": {"type": "array", "maxItems": 100000}}}, "maxItems"),
+    ({"type": "object", "properties": {"x": {"not": {"type": "string"}}}}, "unsupported JSON schema"),
+    ("not a schema", "JSON schema object"),
+])
+def test_tool_schemas_the_grammar_cannot_hold_are_400_naming_the_tool(url, params, says):
+    import httpx
+
+    tool = {"type": "function", "function": {"name": "f", "parameters": params}}
+    r = httpx.post(url + "/v1/chat/completions", timeout=60, json={
+        "messages": [{"role": "user", "content": "x"}], "tools": [PING, tool], "max_tokens": 4})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert says in err["message"] and err["param"].startswith("tools"), err
+
+
 # -- LangChain through the server ------------------------------------------------------------------
 
 
