@@ -21,3 +21,47 @@ def test_token_counts_are_the_models_own(engine_gguf):
     # one prompt through the LLM: its usage counts the same tokens (+ BOS)
     out = llm.generate([text], max_tokens=1)
     assert out.llm_output["token_usage"]["prompt_tokens"] == len(ids) + 1
+
+
+def _quote_bias(engine) -> dict[int, float]:
+    # a random model never closes a JSON string by itself (see test_standard.py)
+    return {i: 15.0 for i in range(engine.n_vocab) if b'"' in engine.token_piece(i)}
+
+
+def multiply(a: int, b: int) -> int:
+    """Multiply two integers."""
+    return a * b
+
+
+def test_in_process_tool_round_trip_and_streamed_tool_call_chunks(engine_gguf):
+    from langchain_core.messages import AIMessageChunk, HumanMessage, ToolMessage
+    from langchain_core.tools import tool
+
+    path = str(engine_gguf)
+    mult = tool(multiply)
+    llm = ChatCLlama(model_path=path, temperature=0, max_tokens=120,
+                     logit_bias=_quote_bias(shared_engine(path)))
+    forced = llm.bind_tools([mult], tool_choice="multiply")
+    history = [HumanMessage("6 times 7?")]
+    ai = forced.invoke(history)
+    (call,) = ai.tool_calls
+    assert call["name"] == "multiply" and isinstance(call["args"]["a"], int) and call["id"]
+    assert ai.response_metadata["finish_reason"] == "tool_calls" and ai.content == ""
+
+    chunks = list(forced.stream(history))
+    assert all(isinstance(c, AIMessageChunk) for c in chunks)
+    tcc = [tc for c in chunks for tc in c.tool_call_chunks]
+    assert tcc and tcc[0]["name"] == "multiply" and all(tc["index"] == 0 for tc in tcc)
+    merged = chunks[0]
+    for c in chunks[1:]:
+        merged += c
+    assert [(c["name"], c["args"]) for c in merged.tool_calls] == [(call["name"], call["args"])]
+    assert merged.usage_metadata["input_tokens"] == ai.usage_metadata["input_tokens"]
+    assert merged.response_metadata["finish_reason"] == "tool_calls"
+
+    result = mult.invoke(call)
+    assert isinstance(result, ToolMessage) and result.content == str(call["args"]["a"] * call["args"]["b"])
+    final = llm.bind_tools([mult], tool_choice="none").invoke(history + [ai, result])
+    assert not final.tool_calls and final.response_metadata["finish_reason"] in ("stop", "length")
+    # the call and its result were in the prompt: more input tokens than the question alone
+    assert final.usage_metadata["input_tokens"] > llm.invoke(history).usage_metadata["input_tokens"] + 10
