@@ -167,15 +167,15 @@ def _run(config: PplConfig, text: str) -> PplResult:
     try:
         tokens = scorer.tokenize(text, add_bos=True)
         with contextlib.ExitStack() as stack:
-            on_chunk = None
-            if config.show_progress:
-                from cllama_deploy.progress import progress
+            if not config.show_progress:
+                return perplexity_of_tokens(scorer, tokens, config.ctx, config.chunks, None)
+            from cllama_deploy.progress import progress
 
-                bar = stack.enter_context(progress(transient=True))
-                task = bar.add_task(f"perplexity {scorer.name}", total=None)
+            bar = stack.enter_context(progress(transient=True))
+            task = bar.add_task(f"perplexity {scorer.name}", total=None)
 
-                def on_chunk(i: int, n: int, ppl: float) -> None:
-                    bar.update(task, completed=i, total=n, description=f"perplexity {scorer.name}: {ppl:.4f}")
+            def on_chunk(i: int, n: int, ppl: float) -> None:
+                bar.update(task, completed=i, total=n, description=f"perplexity {scorer.name}: {ppl:.4f}")
 
             return perplexity_of_tokens(scorer, tokens, config.ctx, config.chunks, on_chunk)
     finally:

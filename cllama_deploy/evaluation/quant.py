@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cllama_deploy.errors import ConfigError, InputError, ShapeMismatchError
+from cllama_deploy.errors import ConfigError, ShapeMismatchError
 from cllama_deploy.evaluation.models import LlamaCppScorer, ModelOptions, model_kind, open_scorer
 from cllama_deploy.evaluation.perplexity import check_window, first_scored, read_text, tokens_digest, windows
 from cllama_deploy.evaluation.stats import KLStats
