@@ -65,7 +65,8 @@ def register(app: typer.Typer) -> None:
         from cllama_deploy.evaluation.choice import evaluate_choice
 
         r = evaluate_choice(config)
-        table = Table(title=f"{r.model} ({r.backend}), {r.split}, {r.shots}-shot, template {r.template}")
+        table = Table(title=f"{r.model} ({r.backend}), {r.split}, {r.shots}-shot, template {r.template}, "
+                            f"score {r.score}")
         for col in ("subject", "name", "group", "questions", "accuracy %"):
             table.add_column(col, justify="right" if col in ("questions", "accuracy %") else "left")
         for s in r.subjects:

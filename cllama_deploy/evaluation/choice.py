@@ -18,6 +18,13 @@ Answer-only scoring, the seed's ``constrained_decoding``: from the logits of the
 each letter scores ``logit(▁X) + logit(X)`` — the letter with the SentencePiece word-start marker (what
 ``encode("X")`` gives) plus the bare letter (the last token of ``encode("：X")``) — and the highest wins.
 The seed evaluated zero-shot without the first line; here it is always there (C-Eval's official prompt).
+
+``--score loglikelihood`` instead scores each letter the way lm-evaluation-harness's ``multiple_choice``
+tasks do (``acc``): the log-probability of the letter's tokens appended to the prompt text, with lm-eval's
+split of the text into context and continuation (the tokens of ``prompt + X`` after the prompt's own
+tokens). After ``答案：`` that continuation is the bare ``X`` piece alone, so the two methods differ: the seed's
+adds the ``▁X`` logit (and compares raw logits), lm-eval's does not; on a model that is not sure of an answer
+they pick different letters (docs/evaluation.md, the lm-eval section).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -41,6 +49,12 @@ HEADER = "以下是中国关于{subject}考试的单项选择题，请选出其�
 ANSWER = "\n答案："
 ANSWER_WITH_TEMPLATE = "\n答案是什么？ "
 TEMPLATES = ("none", "alpaca", "alpaca-2")
+SCORES = ("seed", "loglikelihood")
+METHODS = {
+    "seed": "C-Eval prompt; answer = argmax over A-D of logit(▁X) + logit(X) after the prompt",
+    "loglikelihood": "C-Eval prompt; answer = argmax over A-D of log P(tokens of X appended to the prompt), "
+                     "lm-evaluation-harness's multiple_choice acc",
+}
 
 # C-Eval's 52 subjects: file key → (Chinese name used in the prompt, category). From C-Eval's
 # subject_mapping.json (also shipped in Chinese-LLaMA-Alpaca scripts/ceval/subject_mapping.json).
@@ -113,6 +127,9 @@ class ChoiceConfig(ModelOptions):
     shots: int = option(5, "Solved dev examples before each question (0 = zero-shot).", flag=("--shots", "-k"))
     template: str = option("none", "Wrap each prompt in this instruction template (the seed's with_prompt option is "
                            "alpaca).", choices=TEMPLATES)
+    score: str = option("seed", "How a letter is scored: seed (logit(▁X) + logit(X) of the token after the "
+                        "prompt, the seed's answer-only method) or loglikelihood (log-probability of the letter "
+                        "appended to the prompt, lm-evaluation-harness's multiple_choice acc).", choices=SCORES)
     subjects: list[str] = option([], "Only these subjects (file keys like computer_network); repeat or "
                                  "comma-separate.", flag="--subject", default_text="every subject in --data")
     ctx: int = option(0, "Context size for a GGUF model (0 = its trained context); examples are dropped from a "
@@ -136,6 +153,8 @@ class ChoiceConfig(ModelOptions):
             raise ConfigError(f"--shots must be >= 0, got {self.shots}")
         if self.template not in TEMPLATES:
             raise ConfigError(f"--template {self.template!r}: choose one of {', '.join(TEMPLATES)}")
+        if self.score not in SCORES:
+            raise ConfigError(f"--score {self.score!r}: choose one of {', '.join(SCORES)}")
         if self.ctx < 0:
             raise ConfigError(f"--ctx must be >= 0 (0 = the model's trained context), got {self.ctx}")
         self.subjects = [s.strip() for v in (self.subjects or []) for s in str(v).split(",") if s.strip()]
@@ -230,6 +249,35 @@ def build_prompt(subject_zh: str, item: Item, examples: list[Item], template: st
     return text
 
 
+def _log_softmax(row: np.ndarray) -> np.ndarray:
+    row = row.astype(np.float64)
+    m = row.max()
+    return row - m - np.log(np.exp(row - m).sum())
+
+
+def loglikelihoods(scorer, prompt: str, ids: list[int], last: np.ndarray,
+                   choices: Sequence[str] = LETTERS) -> tuple[list[float], list[list[int]]]:
+    """lm-evaluation-harness's ``multiple_choice`` scores: per choice, the summed log-probability of its
+    continuation tokens, split as lm-eval splits them (the tokens of ``prompt + choice`` after the
+    ``len(ids)`` tokens of the prompt; ``ids`` has the BOS; ``last``: the prompt's next-token logits).
+
+    Returns:
+        (scores, continuations): one log-likelihood and one token-id list per choice.
+    """
+    first = _log_softmax(last)
+    scores, conts = [], []
+    for c in choices:
+        cont = scorer.tokenize(prompt + c, add_bos=True)[len(ids):]
+        if len(cont) == 1:
+            lp = float(first[cont[0]])
+        else:  # a continuation of several pieces: teacher-forced over it
+            rows = scorer.window_logits(ids + cont[:-1], first=len(ids) - 1)
+            lp = float(first[cont[0]]) + sum(float(_log_softmax(r)[t]) for r, t in zip(rows[1:], cont[1:]))
+        scores.append(lp)
+        conts.append(cont)
+    return scores, conts
+
+
 def letter_ids(scorer) -> tuple[list[int], list[int]]:
     """(ids of "▁A".."▁D", ids of bare "A".."D") the seed's way: ``encode("A")[0]`` and ``encode("：A")[-1]``."""
     spaced = [scorer.tokenize(c, add_bos=False)[0] for c in LETTERS]
@@ -270,6 +318,7 @@ class ChoiceResult:
     items: list[dict]
     letter_ids: dict
     seconds: float
+    score: str = "seed"
     outputs: dict = field(default_factory=dict)
 
     @property
@@ -314,21 +363,23 @@ class ChoiceResult:
                 "subject_mean_accuracy": self.subject_mean, "groups": self.groups(),
                 "subjects": [s.to_dict() for s in self.subjects], "letter_ids": self.letter_ids,
                 "seconds": round(self.seconds, 2), "items": self.items,
-                "method": "C-Eval prompt; answer = argmax over A-D of logit(▁X) + logit(X) after the prompt"}
+                "score": self.score, "method": METHODS[self.score]}
 
 
-def _fit(scorer, subject_zh: str, item: Item, examples: list[Item], template: str, n_ctx: int) -> tuple[list[int], int]:
-    """Token ids of the prompt with as many of the examples as fit in ``n_ctx`` (dropping from the end)."""
+def _fit(scorer, subject_zh: str, item: Item, examples: list[Item], template: str,
+         n_ctx: int) -> tuple[str, list[int], int]:
+    """The prompt and its token ids with as many of the examples as fit in ``n_ctx`` (dropping from the end)."""
     k = len(examples)
     while True:
-        ids = scorer.tokenize(build_prompt(subject_zh, item, examples[:k], template), add_bos=True)
+        text = build_prompt(subject_zh, item, examples[:k], template)
+        ids = scorer.tokenize(text, add_bos=True)
         if not n_ctx or len(ids) < n_ctx or k == 0:
             break
         k -= 1
     if n_ctx and len(ids) >= n_ctx:
         raise InputError(f"question {item.id} does not fit the context of {n_ctx} tokens even without examples "
                          f"({len(ids)} tokens); raise --ctx")
-    return ids, k
+    return text, ids, k
 
 
 def evaluate_choice(config: ChoiceConfig) -> ChoiceResult:
@@ -378,16 +429,20 @@ def evaluate_choice(config: ChoiceConfig) -> ChoiceResult:
                 correct = 0 if need_answer else None
                 fewer = 0
                 for item in questions:
-                    ids, k = _fit(scorer, zh, item, dev, config.template, n_ctx)
+                    text, ids, k = _fit(scorer, zh, item, dev, config.template, n_ctx)
                     fewer += k < len(dev)
                     logits = scorer.last_logits(ids)
-                    scores = logits[spaced] + logits[bare]
+                    extra = {}
+                    if config.score == "loglikelihood":
+                        scores, extra["continuations"] = loglikelihoods(scorer, text, ids, logits)
+                    else:
+                        scores = logits[spaced] + logits[bare]
                     pred = LETTERS[int(np.argmax(scores))]
                     if need_answer:
                         correct += pred == item.answer
                     items.append({"subject": subj, "id": item.id, "answer": item.answer, "prediction": pred,
                                   "scores": [round(float(x), 5) for x in scores], "prompt_tokens": len(ids),
-                                  "shots": k})
+                                  "shots": k, **extra})
                     if bar is not None:
                         bar.advance(task)
                 results.append(SubjectResult(subj, zh, group, len(questions), correct, len(dev), fewer))
@@ -396,7 +451,7 @@ def evaluate_choice(config: ChoiceConfig) -> ChoiceResult:
     result = ChoiceResult(
         model=str(config.model), backend=scorer.kind, split=config.split, shots=config.shots,
         template=config.template, subjects=results, items=items, seconds=time.perf_counter() - t0,
-        letter_ids={"spaced": spaced, "bare": bare},
+        letter_ids={"spaced": spaced, "bare": bare}, score=config.score,
     )
     if config.out is not None:
         path = config.out / "submission.json"

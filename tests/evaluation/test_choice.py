@@ -45,10 +45,12 @@ def test_shuffled_answers_score_at_chance(choice_case, zero_shot):
     assert r.subject_mean == pytest.approx(sum(s.accuracy for s in r.subjects) / len(r.subjects))
 
 
-@pytest.mark.parametrize("shots, template", [(0, "none"), (2, "none"), (0, "alpaca"), (3, "alpaca")])
-def test_hf_and_gguf_agree_on_every_item(shots, template, choice_case):
-    hf = _run(choice_case.hf, choice_case.data, shots=shots, template=template)
-    gg = _run(choice_case.gguf, choice_case.data, shots=shots, template=template, kv_cache_type="f32")
+@pytest.mark.parametrize("shots, template, score", [(0, "none", "seed"), (2, "none", "seed"), (0, "alpaca", "seed"),
+                                                   (3, "alpaca", "seed"), (2, "none", "loglikelihood")])
+def test_hf_and_gguf_agree_on_every_item(shots, template, score, choice_case):
+    hf = _run(choice_case.hf, choice_case.data, shots=shots, template=template, score=score)
+    gg = _run(choice_case.gguf, choice_case.data, shots=shots, template=template, score=score, kv_cache_type="f32")
+    assert hf.score == gg.score == score
     assert hf.letter_ids == gg.letter_ids
     assert [it["prompt_tokens"] for it in hf.items] == [it["prompt_tokens"] for it in gg.items]
     assert [it["prediction"] for it in hf.items] == [it["prediction"] for it in gg.items]
@@ -56,6 +58,36 @@ def test_hf_and_gguf_agree_on_every_item(shots, template, choice_case):
         scale = max(1.0, max(abs(x) for x in a["scores"]))
         assert max(abs(x - y) for x, y in zip(a["scores"], b["scores"])) < 1e-3 * scale, (a, b)
     assert all(it["shots"] == shots for it in gg.items)
+
+
+def test_loglikelihood_is_the_log_probability_of_the_continuation(choice_case):
+    """``--score loglikelihood`` is lm-eval's: log P(tokens of prompt + choice after the prompt's), teacher-forced;
+    after 答案： each letter is its bare piece, and a longer choice sums the log-probabilities of its pieces."""
+    import numpy as np
+
+    from cllama_deploy.evaluation.choice import loglikelihoods
+    from cllama_deploy.evaluation.models import HFScorer
+
+    r = _run(choice_case.gguf, choice_case.data, score="loglikelihood", kv_cache_type="f32")
+    assert all(it["continuations"] == [[t] for t in r.letter_ids["bare"]] for it in r.items)
+    assert r.to_dict()["score"] == "loglikelihood" and "lm-evaluation-harness" in r.to_dict()["method"]
+    # the trained model is sure of its answers: they are also the letters of highest probability
+    assert r.accuracy == 100.0 and all(max(it["scores"]) > -0.1 for it in r.items)
+
+    scorer = HFScorer(choice_case.hf)
+    try:
+        prompt = "以下是中国关于法学考试的单项选择题。\n答案："
+        ids = scorer.tokenize(prompt)
+        choices = ["A", "计算机网络", " B. 大学"]
+        scores, conts = loglikelihoods(scorer, prompt, ids, scorer.last_logits(ids), choices)
+        assert [len(c) for c in conts][0] == 1 and min(len(c) for c in conts[1:]) > 1
+        for score, cont in zip(scores, conts):
+            rows = scorer.window_logits(ids + cont)[len(ids) - 1:-1].astype(np.float64)
+            logp = rows - np.log(np.exp(rows - rows.max(1, keepdims=True)).sum(1, keepdims=True)) \
+                - rows.max(1, keepdims=True)
+            assert score == pytest.approx(sum(float(logp[j, t]) for j, t in enumerate(cont)), abs=1e-4)
+    finally:
+        scorer.close()
 
 
 def test_examples_that_do_not_fit_are_dropped_alike(choice_case):
