@@ -113,6 +113,14 @@ class Sequence:
         if self.t_first is None:
             self.t_first = now
         if is_eog:
+            # A scored prompt (echo + logprobs, lm-eval's loglikelihood request with max_tokens 1) reports the
+            # end-of-generation token with its log-probability, as OpenAI's legacy completions and vLLM do:
+            # lm-eval takes the prompt's scores as every entry but the last, so without it the continuation's
+            # last token would be dropped (scored 0) whenever the model would stop right after it.
+            if self.scores_prompt and self.request.params.logprobs is not None and logits is not None \
+                    and 0 <= token < len(pieces):
+                self._held_ids.append(token)
+                self._held_lp.append(token_logprob(logits(), token, self.request.params.logprobs, pieces))
             return self._finish("stop")
         self.generated.append(token)
         self._held_ids.append(token)

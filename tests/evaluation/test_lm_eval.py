@@ -1,13 +1,25 @@
 """The server scores prompts for lm-evaluation-harness's local-completions: `echo` with `logprobs` returns the
-prompt tokens' log-probabilities (OpenAI's legacy shape), `max_tokens: 0` and token-id prompts are accepted."""
+prompt tokens' log-probabilities (OpenAI's legacy shape), `max_tokens: 0` and token-id prompts are accepted; and
+the real lm-eval, run against a live `cllama-deploy serve`, gets `eval choice --score loglikelihood`'s numbers."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 
 from cllama_deploy.engine import requests as rl
+from tests.evaluation import builders_eval as be
 
 TEXT = "The quick brown fox 跳过了懒狗。 Then it ran home"
 
@@ -123,3 +135,134 @@ def test_echo_without_logprobs_and_max_tokens_0_alone(engine):
 
 # ------------------------------------------------------------------------------------ lm-eval against serve
 
+
+def _hf_tokenizer_from_gguf(gguf: Path, out: Path) -> Path:
+    """The HF tokenizer directory lm-eval tokenizes with: the SentencePiece model rebuilt from the GGUF's own
+    vocabulary (so lm-eval's ids are the server's), in our exact-SentencePiece HF layout."""
+    from cllama_deploy.tokenizer.gguf_vocab import write_sp_model_from_gguf
+    from cllama_deploy.tokenizer.hf import write_hf_tokenizer_dir
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_sp_model_from_gguf(gguf, out / "source.model")
+    return write_hf_tokenizer_dir(out / "source.model", out, chat_template=None)
+
+
+@contextlib.contextmanager
+def _serve(gguf: Path, model_id: str):
+    """A live `cllama-deploy serve` subprocess (1 thread); yields its base URL."""
+    env = {**os.environ, "CLLAMA_N_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "cllama_deploy", "serve", f"{model_id}={gguf}", "--port", "0",
+                             "--threads", "1", "--n-ctx", "1024", "--kv-cache-type", "f32", "--no-access-log"],
+                            stderr=subprocess.PIPE, text=True, env=env)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 120
+        while not any("listening on" in x for x in lines):
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)[-3000:]
+            time.sleep(0.05)
+        url = "http://127.0.0.1:" + re.search(r"listening on http://127\.0\.0\.1:(\d+)", "".join(lines)).group(1)
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)[-3000:]
+            time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _lm_eval(url: str, model_id: str, tokenizer: Path, tasks: Path, task: str, out: Path) -> tuple[dict, list[dict]]:
+    """Run the real lm-evaluation-harness CLI (offline) against the server; returns (results, samples)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "HF_HOME": str(out / "hf_home"), "TOKENIZERS_PARALLELISM": "false"}
+    args = ",".join([f"model={model_id}", f"base_url={url}/v1/completions", "tokenizer_backend=huggingface",
+                     f"tokenizer={tokenizer}", "tokenized_requests=True", "add_bos_token=True", "num_concurrent=1",
+                     "max_retries=1", "max_length=1024"])
+    cmd = [sys.executable, "-m", "lm_eval", "run", "--model", "local-completions", "--model_args", args,
+           "--tasks", task, "--include_path", str(tasks), "--output_path", str(out), "--log_samples",
+           "--batch_size", "1"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    results = json.loads(next(out.rglob("results_*.json")).read_text(encoding="utf-8"))
+    samples = [json.loads(line) for p in out.rglob(f"samples_{task}_*.jsonl")
+               for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return results, samples
+
+
+def _lm_eval_choices(samples: list[dict]) -> dict[tuple[str, str], list[float]]:
+    """Per item (subject, id): lm-eval's four log-likelihoods, in the order of the choices."""
+    return {(x["doc"]["subject"], x["doc"]["id"]): [float(r[0][0]) for r in x["resps"]] for x in samples}
+
+
+def test_a_scored_prompt_that_ends_generation_keeps_its_last_token(engine, teacher_forced):
+    """lm-eval reads a prompt's scores as every entry but the generated one (``token_logprobs[ctxlen:-1]``): when
+    the token generated after the prompt is EOS it must still be there, or the prompt's last token is dropped."""
+    pytest.importorskip("lm_eval", reason="lm-evaluation-harness is in the test extra")
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    ids, logp = teacher_forced
+    eos = engine.info.metadata.get("tokenizer.ggml.eos_token_id", 2)
+    r = rl.complete(engine, [ids], max_tokens=1, echo=True, logprobs=1, temperature=0, logit_bias={eos: 100})
+    c = r.choices[0]
+    assert c.finish_reason == "stop" and c.text == rl.detokenize(engine, ids)
+    assert len(c.logprobs.token_logprobs) == len(ids) + 1
+    _check_scores(c.logprobs, ids, logp, engine, 1)
+    ctxlen = len(ids) - 2  # the last two prompt tokens are the "continuation"
+    [(ll, _)] = LocalCompletionsAPI.parse_logprobs(outputs=r.model_dump(), ctxlens=[ctxlen])
+    assert ll == pytest.approx(float(logp[ctxlen - 1, ids[ctxlen]] + logp[ctxlen, ids[ctxlen + 1]]), abs=4e-4)
+
+
+@pytest.mark.parametrize("which", ["trained", "base"])
+def test_lm_eval_against_serve_equals_eval_choice(which, ev_models, choice_case, tmp_path):
+    """The real lm-evaluation-harness (``local-completions``, HF tokenizer written from the GGUF, offline) on a
+    local multiple-choice task over ``eval choice``'s zero-shot items, against a live ``serve``.
+
+    lm-eval's ``acc`` is ``eval choice --score loglikelihood``'s on every item (the same log-likelihoods). On the
+    model trained to answer, the seed's score (logit(▁X) + logit(X)) picks the same letters too; on the untrained
+    base it does not: the two definitions differ (docs/evaluation.md)."""
+    pytest.importorskip("lm_eval", reason="lm-evaluation-harness is in the test extra")
+    from cllama_deploy.evaluation.choice import ChoiceConfig, evaluate_choice
+
+    gguf = choice_case.gguf if which == "trained" else ev_models.base_gguf
+    task = "cllama_ceval_local"
+    tasks = be.write_lm_eval_task(tmp_path / "tasks", choice_case.val, name=task)
+    tok = _hf_tokenizer_from_gguf(gguf, tmp_path / "hf_tok")
+    prompts = [json.loads(line)["prompt"] for line in (tasks / f"{task}.jsonl").read_text(encoding="utf-8").splitlines()]
+    with _serve(gguf, "m") as url:
+        # lm-eval sends token ids from the HF tokenizer: they must be the server's own
+        from transformers import AutoTokenizer
+
+        hf = AutoTokenizer.from_pretrained(str(tok))
+        for p in prompts[:8]:
+            served = httpx.post(url + "/tokenize", json={"content": p + "B", "add_special": True}, timeout=30)
+            assert hf(p + "B", add_special_tokens=True).input_ids == served.json()["tokens"]
+        results, samples = _lm_eval(url, "m", tok, tasks, task, tmp_path / "lm_eval_out")
+    theirs = _lm_eval_choices(samples)
+    n = sum(len(v) for v in choice_case.val.values())
+    assert len(theirs) == n and results["results"][task]["sample_len"] == n
+
+    ours = {score: evaluate_choice(ChoiceConfig(model=gguf, data=choice_case.data, shots=0, threads=1,
+                                                kv_cache_type="f32", show_progress=False, score=score))
+            for score in ("loglikelihood", "seed")}
+    ll = ours["loglikelihood"]
+    for it in ll.items:
+        lm = theirs[(it["subject"], it["id"])]
+        assert lm == pytest.approx(it["scores"], abs=1e-4), it
+        assert "ABCD"[int(np.argmax(lm))] == it["prediction"], it
+    acc = results["results"][task]["acc,none"]
+    assert 100.0 * acc == pytest.approx(ll.accuracy)
+    same_as_seed = sum(a["prediction"] == b["prediction"] for a, b in zip(ll.items, ours["seed"].items))
+    if which == "trained":
+        assert acc == 1.0 and ours["seed"].accuracy == 100.0 and same_as_seed == n
+    else:
+        assert same_as_seed < n, "the seed's score and lm-eval's differ on a model that is unsure"
