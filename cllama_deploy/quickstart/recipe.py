@@ -57,10 +57,10 @@ DEFAULT = Recipe(
     name="default", limit=10000,
     base_vocab=1000, zh_vocab=800, base_tok_en_lines=3000, base_tok_zh_lines=20, zh_tok_lines=3000,
     shape=BaseShape(hidden_size=128, intermediate_size=384, num_layers=2, num_heads=4),
-    base_en_lines=3000, base_zh_lines=100, base_passes=1, base_steps=100, base_batch=32, base_block=128,
+    base_en_lines=300, base_zh_lines=100, base_passes=3, base_steps=200, base_batch=32, base_block=128,
     base_lr=3e-3,
-    pt_zh_lines=2000, pt_passes=1, pt_steps=100, pt_batch=16, pt_block=128, pt_lr=2e-3,
-    sft_passes=1, sft_steps=200, sft_batch=32, sft_lr=2e-3, lora_rank=16, lora_alpha=32.0,
+    pt_zh_lines=2000, pt_passes=1, pt_steps=40, pt_batch=16, pt_block=128, pt_lr=2e-3,
+    sft_passes=1, sft_steps=100, sft_batch=32, sft_lr=2e-3, lora_rank=16, lora_alpha=32.0,
     ppl_lines=300, ppl_ctx=128, concurrency=8,
 )
 

@@ -42,6 +42,8 @@ NAME = "quickstart"
 # The bars of issue 11: the HF model with adapters answers >= 95 % of the held-out questions exactly; F16 and
 # Q8_0 lose at most 1 point against it; Q4_K_M's loss is reported.
 BARS = {"hf_exact_match": 0.95, "max_loss_points": {"F16": 1.0, "Q8_0": 1.0}}
+# How the base gets its knowledge (said on screen and in the report).
+BASE_TEXT = "English, a little Chinese, numbers next to their readings; no multiple of 17"
 
 
 @dataclass
@@ -143,6 +145,41 @@ def _weights_size(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).glob("*.safetensors"))
 
 
+@dataclass
+class _Run:
+    """What the stages share: the options, the recipe, where things go, and what earlier stages made."""
+
+    config: QuickstartConfig
+    steps: _Steps
+    files: dict[str, str] = field(default_factory=dict)
+    numbers: list[int] = field(default_factory=list)
+    held_out: list[int] = field(default_factory=list)
+    adapters: list[Path] = field(default_factory=list)   # PT, then SFT
+    ggufs: dict = field(default_factory=dict)           # quant type -> deploy output
+    rows: list[dict] = field(default_factory=list)      # the report's table
+    server: "_Server | None" = None
+
+    @property
+    def recipe(self):
+        return self.config.recipe
+
+    @property
+    def out(self) -> Path:
+        return self.config.out
+
+    @property
+    def data(self) -> Path:
+        return self.config.out / "data"
+
+    @property
+    def seed(self) -> int:
+        return self.config.seed
+
+    @property
+    def ppl_text(self) -> str:
+        return (self.data / "held_out_text.txt").read_text(encoding="utf-8")
+
+
 def run_quickstart(config: QuickstartConfig) -> QuickstartResult:
     """Run every stage on generated data under ``config.out``; returns the report.
 
@@ -150,169 +187,234 @@ def run_quickstart(config: QuickstartConfig) -> QuickstartResult:
         CllamaError subclasses when a stage refuses its input (a bug here: the inputs are generated).
     """
     from cllama_deploy.errors import require
-    from cllama_deploy.files import write_text_atomic
 
     for module in ("torch", "transformers", "peft", "datasets"):
         require(module, "train")
     require("openai", "all")
     import torch
 
-    recipe = config.recipe
     start, cpu_start = time.perf_counter(), time.process_time()
-    out = config.out
-    _prepare_out(out)
+    _prepare_out(config.out)
     torch.set_num_threads(config.n_threads)
-    steps = _Steps(9)
-    steps.console.print(f"[bold]cllama-deploy quickstart[/] ({recipe.name} recipe: numbers 0-{recipe.limit - 1}, "
-                        f"{config.n_threads} training thread(s)) -> {out}")
-    files: dict[str, str] = {}
-    s = config.seed
+    run = _Run(config=config, steps=_Steps(len(STAGES) + 1))
+    recipe = run.recipe
+    run.steps.console.print(f"[bold]cllama-deploy quickstart[/] ({recipe.name} recipe: numbers "
+                            f"0-{recipe.limit - 1}, {config.n_threads} training thread(s)) -> {config.out}")
+    for name, title, stage in STAGES:
+        with run.steps.step(name, title) as details:
+            stage(run, details)
+    return _finish(run, start, cpu_start)
 
+
+def stage_data(run: _Run, d: dict) -> None:
+    """Generate every text a stage trains on, and the held-out questions and text."""
+    from cllama_deploy.files import write_text_atomic
     from cllama_deploy.quickstart import data as qdata
     from cllama_deploy.quickstart.corpus import write_lines
     from cllama_deploy.quickstart.numerals import held_out_numbers, train_numbers
 
-    numbers = train_numbers(recipe.limit)
-    held_out = held_out_numbers(recipe.limit)
-    with steps.step("data", "generating the data (no multiple of 17 in any training text)") as d:
-        data = out / "data"
-        base_tok_text = qdata.base_tokenizer_lines(en_lines=recipe.base_tok_en_lines,
-                                                   zh_lines=recipe.base_tok_zh_lines, seed=s + 1)
-        zh_text = qdata.zh_tokenizer_lines(recipe.zh_tok_lines, seed=s + 2)
-        base_text = qdata.base_lines(numbers, en_lines=recipe.base_en_lines, zh_lines=recipe.base_zh_lines,
-                                     passes=recipe.base_passes, seed=s + 3)
-        pt_text = qdata.pt_lines(numbers, zh_lines=recipe.pt_zh_lines, passes=recipe.pt_passes, seed=s + 4)
-        sft = qdata.sft_records(numbers, passes=recipe.sft_passes, seed=s + 5)
-        qdata.check_no_held_out(base_tok_text + zh_text + base_text + pt_text + [r["instruction"] for r in sft])
-        ppl_text = qdata.pt_lines(held_out, zh_lines=recipe.ppl_lines, passes=1, seed=s + 6, held_out=True)
-        write_lines(data / "base_tokenizer.txt", base_tok_text)
-        write_lines(data / "zh_tokenizer.txt", zh_text)
-        write_lines(data / "base" / "base.txt", base_text)
-        write_lines(data / "pt" / "pt.txt", pt_text)
-        write_text_atomic(data / "sft" / "numerals.json", json.dumps(sft, ensure_ascii=False, indent=0) + "\n")
-        write_lines(data / "held_out_text.txt", ppl_text)
-        write_lines(data / "held_out_questions.jsonl", [json.dumps(
-            {"instruction": r["instruction"], "output": r["output"]}, ensure_ascii=False)
-            for r in qdata.sft_records(held_out, passes=1, seed=0)])
-        d.update(train_numbers=len(numbers), held_out=len(held_out), base_lines=len(base_text),
-                 pt_lines=len(pt_text), sft_records=len(sft))
-        steps.say(f"{len(numbers)} training numbers, {len(held_out)} held out (the multiples of 17 in "
+    recipe, s, data = run.recipe, run.seed, run.data
+    run.numbers, run.held_out = train_numbers(recipe.limit), held_out_numbers(recipe.limit)
+    base_tok_text = qdata.base_tokenizer_lines(en_lines=recipe.base_tok_en_lines,
+                                               zh_lines=recipe.base_tok_zh_lines, seed=s + 1)
+    zh_text = qdata.zh_tokenizer_lines(recipe.zh_tok_lines, seed=s + 2)
+    base_text = qdata.base_lines(run.numbers, en_lines=recipe.base_en_lines, zh_lines=recipe.base_zh_lines,
+                                 passes=recipe.base_passes, seed=s + 3)
+    pt_text = qdata.pt_lines(run.numbers, zh_lines=recipe.pt_zh_lines, passes=recipe.pt_passes, seed=s + 4)
+    sft = qdata.sft_records(run.numbers, passes=recipe.sft_passes, seed=s + 5)
+    qdata.check_no_held_out(base_tok_text + zh_text + base_text + pt_text + [r["instruction"] for r in sft])
+    ppl_text = qdata.pt_lines(run.held_out, zh_lines=recipe.ppl_lines, passes=1, seed=s + 6, held_out=True)
+    write_lines(data / "base_tokenizer.txt", base_tok_text)
+    write_lines(data / "zh_tokenizer.txt", zh_text)
+    write_lines(data / "base" / "base.txt", base_text)
+    write_lines(data / "pt" / "pt.txt", pt_text)
+    write_text_atomic(data / "sft" / "numerals.json", json.dumps(sft, ensure_ascii=False, indent=0) + "\n")
+    write_lines(data / "held_out_text.txt", ppl_text)
+    write_lines(data / "held_out_questions.jsonl", [json.dumps(
+        {"instruction": r["instruction"], "output": r["output"]}, ensure_ascii=False)
+        for r in qdata.sft_records(run.held_out, passes=1, seed=0)])
+    d.update(train_numbers=len(run.numbers), held_out=len(run.held_out), base_lines=len(base_text),
+             pt_lines=len(pt_text), sft_records=len(sft))
+    run.steps.say(f"{len(run.numbers)} training numbers, {len(run.held_out)} held out (the multiples of 17 in "
                   f"0-{recipe.limit - 1}); {len(base_text):,} base lines, {len(pt_text):,} PT lines, "
                   f"{len(sft):,} SFT records")
-        files["data (every text a stage trained on, the held-out questions)"] = "data/"
+    run.files["data (every text a stage trained on, the held-out questions)"] = "data/"
 
-    with steps.step("tokenizers", "tokenizer train (base + Chinese) and tokenizer merge") as d:
-        tok = _tokenizers(out, recipe, steps)
-        d.update(tok)
-        files["tokenizers (base, Chinese, merged, merged + [PAD])"] = "tokenizer/"
 
-    with steps.step("base", "the tiny base LLaMA: random init, then a short full pre-training") as d:
-        from cllama_deploy.quickstart.base import init_base, pretrain_base
+def stage_tokenizers(run: _Run, d: dict) -> None:
+    """``tokenizer train`` (base + Chinese) and ``tokenizer merge`` (plain and with [PAD])."""
+    d.update(_tokenizers(run.out, run.recipe, run.steps))
+    run.files["tokenizers (base, Chinese, merged, merged + [PAD])"] = "tokenizer/"
 
-        params = init_base(out / "base", out / "tokenizer" / "base" / "tokenizer.model", recipe.shape, seed=s)
-        steps.say(f"LlamaForCausalLM, {recipe.shape.describe()}, {params:,} parameters; pre-training every "
-                  f"weight on the base text (English, a little Chinese, numbers with their readings)")
-        r = pretrain_base(out / "base", data / "base", out / ".work" / "base", steps=recipe.base_steps,
-                          batch_size=recipe.base_batch, block_size=recipe.base_block, learning_rate=recipe.base_lr,
-                          seed=s)
-        d.update(parameters=params, steps=r.steps, tokens=r.tokens, train_loss=r.train_loss, final_loss=r.final_loss)
-        steps.say(f"{r.steps} steps, {r.tokens:,} tokens, loss {r.final_loss:.3f}")
-        files["base LLaMA (HF format)"] = "base/"
 
-    from cllama_deploy.training.config import PTConfig, SFTConfig
+def stage_base(run: _Run, d: dict) -> None:
+    """The tiny base LLaMA: random init, then a full pre-training of every weight."""
+    from cllama_deploy.quickstart.base import init_base, pretrain_base
 
-    common = dict(lora_rank=recipe.lora_rank, lora_alpha=recipe.lora_alpha, lora_dropout=0.0, warmup_ratio=0.05,
-                  validation_split_percentage=0.0, save_steps=10 ** 9, save_total_limit=None, seed=s,
-                  data_cache_dir=str(out / ".work" / "data_cache"))
-    with steps.step("pt", "train pt: LoRA pre-training on Chinese text, vocabulary extended") as d:
-        cfg = PTConfig(model_name_or_path=str(out / "base"), tokenizer_name_or_path=str(out / "tokenizer" / "merged"),
-                       dataset_dir=str(data / "pt"), output_dir=str(out / "pt"), block_size=recipe.pt_block,
-                       max_steps=recipe.pt_steps, per_device_train_batch_size=recipe.pt_batch,
-                       learning_rate=recipe.pt_lr, logging_steps=max(1, recipe.pt_steps // 4), **common)
-        _train_step(steps, d, "train pt", cfg, out)
-        pt_adapter = out / "pt" / "pt_lora_model"
-        files["PT adapter"] = "pt/pt_lora_model/"
+    recipe, out = run.recipe, run.out
+    params = init_base(out / "base", out / "tokenizer" / "base" / "tokenizer.model", recipe.shape, seed=run.seed)
+    run.steps.say(f"LlamaForCausalLM, {recipe.shape.describe()}, {params:,} parameters; pre-training every "
+                  f"weight on the base text ({BASE_TEXT})")
+    r = pretrain_base(out / "base", run.data / "base", out / ".work" / "base", steps=recipe.base_steps,
+                      batch_size=recipe.base_batch, block_size=recipe.base_block, learning_rate=recipe.base_lr,
+                      seed=run.seed)
+    d.update(parameters=params, steps=r.steps, tokens=r.tokens, train_loss=r.train_loss, final_loss=r.final_loss,
+             train_seconds=round(r.seconds, 2))
+    run.steps.say(f"{r.steps} steps, {r.tokens:,} tokens, loss {r.final_loss:.3f}")
+    run.files["base LLaMA (HF format)"] = "base/"
 
-    with steps.step("sft", "train sft --lora PT: LoRA instruction tuning with the [PAD] tokenizer (Plus)") as d:
-        cfg = SFTConfig(model_name_or_path=str(out / "base"),
-                        tokenizer_name_or_path=str(out / "tokenizer" / "merged-pad"), lora=[str(pt_adapter)],
-                        dataset_dir=str(data / "sft"), output_dir=str(out / "sft"), max_seq_length=96,
-                        max_steps=recipe.sft_steps, per_device_train_batch_size=recipe.sft_batch,
-                        learning_rate=recipe.sft_lr, logging_steps=max(1, recipe.sft_steps // 4), **common)
-        _train_step(steps, d, "train sft", cfg, out)
-        sft_adapter = out / "sft" / "sft_lora_model"
-        files["SFT adapter"] = "sft/sft_lora_model/"
+
+def _common_train_options(run: _Run) -> dict:
+    r = run.recipe
+    return dict(lora_rank=r.lora_rank, lora_alpha=r.lora_alpha, lora_dropout=0.0, warmup_ratio=0.05,
+                validation_split_percentage=0.0, save_steps=10 ** 9, save_total_limit=None, seed=run.seed,
+                data_cache_dir=str(run.out / ".work" / "data_cache"))
+
+
+def stage_pt(run: _Run, d: dict) -> None:
+    """``train pt``: LoRA pre-training on Chinese text with the extended vocabulary."""
+    from cllama_deploy.training.config import PTConfig
+
+    recipe, out = run.recipe, run.out
+    cfg = PTConfig(model_name_or_path=str(out / "base"), tokenizer_name_or_path=str(out / "tokenizer" / "merged"),
+                   dataset_dir=str(run.data / "pt"), output_dir=str(out / "pt"), block_size=recipe.pt_block,
+                   max_steps=recipe.pt_steps, per_device_train_batch_size=recipe.pt_batch,
+                   learning_rate=recipe.pt_lr, logging_steps=max(1, recipe.pt_steps // 4),
+                   **_common_train_options(run))
+    _train_step(run.steps, d, "train pt", cfg, out)
+    run.adapters = [out / "pt" / "pt_lora_model"]
+    run.files["PT adapter"] = "pt/pt_lora_model/"
+
+
+def stage_sft(run: _Run, d: dict) -> None:
+    """``train sft --lora PT``: LoRA instruction tuning on top of PT with the [PAD] tokenizer (Plus)."""
+    from cllama_deploy.training.config import SFTConfig
+
+    recipe, out = run.recipe, run.out
+    cfg = SFTConfig(model_name_or_path=str(out / "base"),
+                    tokenizer_name_or_path=str(out / "tokenizer" / "merged-pad"), lora=[str(run.adapters[0])],
+                    dataset_dir=str(run.data / "sft"), output_dir=str(out / "sft"), max_seq_length=96,
+                    max_steps=recipe.sft_steps, per_device_train_batch_size=recipe.sft_batch,
+                    learning_rate=recipe.sft_lr, logging_steps=max(1, recipe.sft_steps // 4),
+                    **_common_train_options(run))
+    _train_step(run.steps, d, "train sft", cfg, out)
+    run.adapters = run.adapters[:1] + [out / "sft" / "sft_lora_model"]
+    run.files["SFT adapter"] = "sft/sft_lora_model/"
     shutil.rmtree(out / ".work", ignore_errors=True)
 
-    with steps.step("deploy", "deploy --lora PT --lora SFT: GGUF F16, Q8_0, Q4_K_M") as d:
-        from cllama_deploy.pipeline import DeployConfig, deploy
 
-        dcfg = DeployConfig(base=out / "base", loras=[pt_adapter, sft_adapter], quants=list(QUANTS),
-                            out=out / "gguf", name=NAME, show_progress=False)
-        r = deploy(dcfg)
-        ggufs = {o.type: o for o in r.outputs}
-        d.update(outputs={o.type: {"file": o.path.name, "size_bytes": o.size_bytes, "fallbacks": o.fallbacks}
-                          for o in r.outputs})
-        for o in r.outputs:
-            note = f" (llama.cpp fell back for {len(o.fallbacks)} tensors: rows not a multiple of 256)" \
-                if o.fallbacks else ""
-            steps.say(f"{o.path.relative_to(out)}: {o.size_bytes / 1024:,.0f} KiB{note}")
-        files["GGUFs (+ Ollama Modelfiles, manifest.json)"] = "gguf/"
+def stage_deploy(run: _Run, d: dict) -> None:
+    """``deploy --lora PT --lora SFT``: GGUF F16, Q8_0, Q4_K_M."""
+    from cllama_deploy.pipeline import DeployConfig, deploy
 
+    out = run.out
+    r = deploy(DeployConfig(base=out / "base", loras=list(run.adapters), quants=list(QUANTS), out=out / "gguf",
+                            name=NAME, show_progress=False))
+    run.ggufs = {o.type: o for o in r.outputs}
+    d.update(outputs={o.type: {"file": o.path.name, "size_bytes": o.size_bytes, "fallbacks": o.fallbacks}
+                      for o in r.outputs})
+    for o in r.outputs:
+        note = f" (llama.cpp fell back for {len(o.fallbacks)} tensors: rows not a multiple of 256)" \
+            if o.fallbacks else ""
+        run.steps.say(f"{o.path.relative_to(out)}: {o.size_bytes / 1024:,.0f} KiB{note}")
+    run.files["GGUFs (+ Ollama Modelfiles, manifest.json)"] = "gguf/"
+
+
+def stage_hf(run: _Run, d: dict) -> None:
+    """The HF model with adapters (transformers + peft, in process) answers the held-out questions."""
     from cllama_deploy.evaluation.perplexity import perplexity_of_text
-    from cllama_deploy.engine.threads import default_n_threads
     from cllama_deploy.quickstart import evaluate as qeval
 
-    ppl_source = (data / "held_out_text.txt").read_text(encoding="utf-8")
-    rows: list[dict] = []
-    with steps.step("hf", "the HF model with adapters (transformers + peft) answers the held-out questions") as d:
-        hf = qeval.load_hf(out / "base", [pt_adapter, sft_adapter])
-        answers = qeval.hf_answers(hf, held_out)
-        pt_only = qeval.hf_answers(qeval.load_hf(out / "base", [pt_adapter]), held_out)
-        ppl = perplexity_of_text(out / "base", ppl_source, ctx=recipe.ppl_ctx, lora=[pt_adapter, sft_adapter],
-                                 threads=config.n_threads)
-        rows.append(_row("HF base + PT + SFT", "hf", answers, ppl,
-                         _weights_size(out / "base") + _weights_size(pt_adapter) + _weights_size(sft_adapter)))
-        d.update(exact_match=answers.accuracy, without_sft=pt_only.accuracy, perplexity=ppl.ppl)
-        steps.say(f"exact match {answers.accuracy:.1%} ({answers.correct}/{len(held_out)}); without the SFT "
+    out, pt_adapter = run.out, run.adapters[0]
+    hf = qeval.load_hf(out / "base", run.adapters)
+    answers = qeval.hf_answers(hf, run.held_out)
+    del hf
+    pt_only = qeval.hf_answers(qeval.load_hf(out / "base", [pt_adapter]), run.held_out)
+    ppl = perplexity_of_text(out / "base", run.ppl_text, ctx=run.recipe.ppl_ctx, lora=list(run.adapters),
+                             threads=run.config.n_threads)
+    run.rows.append(_row("HF base + PT + SFT", "hf", answers, ppl,
+                         _weights_size(out / "base") + sum(_weights_size(a) for a in run.adapters)))
+    d.update(exact_match=answers.accuracy, without_sft=pt_only.accuracy, perplexity=ppl.ppl,
+             answer_seconds=round(answers.seconds, 2))
+    run.steps.say(f"exact match {answers.accuracy:.1%} ({answers.correct}/{len(run.held_out)}); without the SFT "
                   f"adapter {pt_only.accuracy:.1%}; perplexity {ppl.ppl:.2f}")
-        del hf
 
-    with steps.step("serve", "cllama-deploy serve the GGUFs; the openai client asks the held-out questions") as d:
-        ppls = {q: perplexity_of_text(ggufs[q].path, ppl_source, ctx=recipe.ppl_ctx, threads=default_n_threads())
-                for q in QUANTS}
-        server = _Server(out, [ggufs[q].path for q in QUANTS], config.port)
-        try:
-            server.start()
-            steps.say(f"server up at {server.url} in {server.startup_seconds:.1f} s: {server.command_line}")
-            for q in QUANTS:
-                a = qeval.server_answers(server.url + "/v1", ggufs[q].path.stem, held_out,
-                                         concurrency=recipe.concurrency)
-                rows.append(_row(f"GGUF {q}", q, a, ppls[q], ggufs[q].size_bytes, ggufs[q].fallbacks))
-                steps.say(f"{q}: exact match {a.accuracy:.1%} ({a.correct}/{len(held_out)}), "
+
+def stage_serve(run: _Run, d: dict) -> None:
+    """``cllama-deploy serve`` the GGUFs; the openai client asks each the held-out questions, batched."""
+    from cllama_deploy.engine.threads import default_n_threads
+    from cllama_deploy.evaluation.perplexity import perplexity_of_text
+    from cllama_deploy.quickstart import evaluate as qeval
+
+    recipe, ggufs = run.recipe, run.ggufs
+    ppls = {q: perplexity_of_text(ggufs[q].path, run.ppl_text, ctx=recipe.ppl_ctx, threads=default_n_threads())
+            for q in QUANTS}
+    server = run.server = _Server(run.out, [ggufs[q].path for q in QUANTS], run.config.port,
+                                  parallel=recipe.concurrency)
+    try:
+        server.start()
+        run.steps.say(f"server up at {server.url} in {server.startup_seconds:.1f} s: {server.command_line}")
+        for q in QUANTS:
+            a = qeval.server_answers(server.url + "/v1", ggufs[q].path.stem, run.held_out,
+                                     concurrency=recipe.concurrency)
+            run.rows.append(_row(f"GGUF {q}", q, a, ppls[q], ggufs[q].size_bytes, ggufs[q].fallbacks))
+            run.steps.say(f"{q}: exact match {a.accuracy:.1%} ({a.correct}/{len(run.held_out)}), "
                           f"{a.tokens_per_second:,.0f} tokens/s, perplexity {ppls[q].ppl:.2f}")
-        except BaseException:
-            server.stop()
-            raise
-        if not config.keep_serving:
-            server.stop()
-        d.update(server_cpu_seconds=server.cpu_seconds, startup_seconds=server.startup_seconds)
+    except BaseException:
+        server.stop()
+        raise
+    if not run.config.keep_serving:
+        server.stop()
+    d.update(server_cpu_seconds=server.cpu_seconds, startup_seconds=server.startup_seconds)
 
-    with steps.step("report", "report") as d:
-        report = _report(config, recipe, rows, steps.records, start, cpu_start, server)
+
+# name, title printed, function: the stages in order (the report is the last step, _finish)
+STAGES = (
+    ("data", "generating the data (no multiple of 17 in any training text)", stage_data),
+    ("tokenizers", "tokenizer train (base + Chinese) and tokenizer merge", stage_tokenizers),
+    ("base", "the tiny base LLaMA: random init, then a short full pre-training", stage_base),
+    ("pt", "train pt: LoRA pre-training on Chinese text, vocabulary extended", stage_pt),
+    ("sft", "train sft --lora PT: LoRA instruction tuning with the [PAD] tokenizer (Plus)", stage_sft),
+    ("deploy", "deploy --lora PT --lora SFT: GGUF F16, Q8_0, Q4_K_M", stage_deploy),
+    ("hf", "the HF model with adapters (transformers + peft) answers the held-out questions", stage_hf),
+    ("serve", "cllama-deploy serve the GGUFs; the openai client asks the held-out questions", stage_serve),
+)
+
+
+def shown_path(path) -> str:
+    """``path`` as a user copies it: relative to the current directory when it is inside it, else absolute
+    (never ``../../tmp/...``)."""
+    import shlex
+
+    p = Path(path).resolve()
+    cwd = Path.cwd().resolve()
+    return shlex.quote(str(p.relative_to(cwd)) if p.is_relative_to(cwd) else str(p))
+
+
+def serve_command(gguf: Path, parallel: int) -> str:
+    """The command line a user copies to serve ``gguf`` with ``parallel`` slots."""
+    return f"cllama-deploy serve {shown_path(gguf)} --port 8000 --parallel {parallel}"
+
+
+def _finish(run: _Run, start: float, cpu_start: float) -> QuickstartResult:
+    """The report (report.json, report.md) and the marker that says the output is complete."""
+    from cllama_deploy.files import write_text_atomic
+
+    out = run.out
+    with run.steps.step("report", "report"):
+        report = _report(run.config, run.recipe, run.rows, run.steps.records, start, cpu_start, run.server)
         table = markdown_table(report)
-        write_text_atomic(out / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
         write_text_atomic(out / "report.md", table + "\n")
-        files["report (this table)"] = "report.json, report.md"
-    report["steps"] = [vars(r) for r in steps.records]
+        run.files["report (this table)"] = "report.json, report.md"
+    report["steps"] = [vars(r) for r in run.steps.records]
     report["seconds"] = round(time.perf_counter() - start, 1)
-    report["cpu_seconds"] = round(time.process_time() - cpu_start + server.cpu_seconds, 1)
+    report["cpu_seconds"] = round(time.process_time() - cpu_start + run.server.cpu_seconds, 1)
     write_text_atomic(out / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    serve_cmd = f"cllama-deploy serve {ggufs['Q4_K_M'].path} --port 8000"
-    write_text_atomic(out / MARKER, json.dumps({"status": "done", "files": files, "serve": serve_cmd,
+    serve_cmd = serve_command(run.ggufs["Q4_K_M"].path, run.recipe.concurrency)
+    write_text_atomic(out / MARKER, json.dumps({"status": "done", "files": run.files, "serve": serve_cmd,
                                                 "report": "report.json"}, indent=2, ensure_ascii=False) + "\n")
-    return QuickstartResult(out=out, report=report, table=table, files=files, serve_command=serve_cmd,
-                            seconds=report["seconds"], server=server if config.keep_serving else None)
+    return QuickstartResult(out=out, report=report, table=table, files=run.files, serve_command=serve_cmd,
+                            seconds=report["seconds"], server=run.server if run.config.keep_serving else None)
 
 
 # ----------------------------------------------------------------------------------------------- stages
@@ -379,7 +481,7 @@ def _cmdline(stage: str, cfg, out: Path) -> str:
             continue
         values = value if isinstance(value, list) else [value]
         for v in values:
-            v = os.path.relpath(v, out.parent) if isinstance(v, str) and v.startswith(str(out)) else v
+            v = shown_path(v) if isinstance(v, str) and v.startswith(str(out)) else v
             parts.append(f"--{f.name} {v}")
     return " ".join(parts)
 
@@ -397,10 +499,11 @@ def _last_loss(r) -> float:
 class _Server:
     """``cllama-deploy serve`` as a child process (the command a user runs), 1 llama.cpp thread."""
 
-    def __init__(self, out: Path, models: list[Path], port: int):
+    def __init__(self, out: Path, models: list[Path], port: int, parallel: int = 8):
         self.out = out
-        self.models = models
+        self.models = [Path(m).resolve() for m in models]
         self.port = port or _free_port()
+        self.parallel = parallel
         self.proc: subprocess.Popen | None = None
         self.cpu_seconds = 0.0
         self.startup_seconds = 0.0
@@ -413,11 +516,13 @@ class _Server:
     @property
     def args(self) -> list[str]:
         return ["serve", *[str(m) for m in self.models], "--port", str(self.port), "--threads", "1",
-                "--no-access-log"]
+                "--parallel", str(self.parallel), "--no-access-log"]
 
     @property
     def command_line(self) -> str:
-        return "cllama-deploy " + " ".join(os.path.relpath(a, Path.cwd()) if a.endswith(".gguf") else a
+        import shlex
+
+        return "cllama-deploy " + " ".join(shown_path(a) if a.endswith(".gguf") else shlex.quote(a)
                                            for a in self.args)
 
     def start(self, timeout: float = 120.0) -> None:
@@ -507,8 +612,7 @@ def _report(config, recipe, rows, records, start, cpu_start, server) -> dict:
         "all_bars_met": all(b.get("met", True) for b in bars.values()),
         "recipe": recipe.to_dict(),
         "base_model": "LlamaForCausalLM initialized at random, then every weight pre-trained for "
-                      f"{recipe.base_steps} steps on generated text (English, a little Chinese, numbers next to "
-                      "their readings; no multiple of 17)",
+                      f"{recipe.base_steps} steps on generated text ({BASE_TEXT})",
         "server": {"command": server.command_line, "threads": 1, "concurrent_requests": recipe.concurrency},
         "machine": {"cpus": os.cpu_count(), "training_threads": config.n_threads, "python": platform.python_version(),
                     "platform": platform.platform()},
