@@ -120,6 +120,23 @@ class ChatCLlama(BaseChatModel, CLlamaSampling, EngineOptions):
         tokens (and need transformers). Loads the model on first use."""
         return self.get_engine().tokenize(text, add_bos=False, special=False)
 
+    def get_num_tokens_from_messages(self, messages: list[BaseMessage],
+                                     tools: Optional[Sequence[Any]] = None) -> int:
+        """The prompt tokens these messages (and tools) make: rendered by the chat template with the
+        tool prompt, as a request would send them, up to the assistant turn's opening. Exact, also
+        for a conversation longer than the context (``trim_messages(..., token_counter=llm)``)."""
+        from cllama_deploy.engine.base import ContextLengthExceeded
+
+        body: dict[str, Any] = {"messages": _convert.openai_messages(messages)}
+        if tools:  # as bind_tools(tools) sends them (one call per answer by default)
+            body["tools"] = [convert_to_openai_tool(t) for t in tools]
+            body["parallel_tool_calls"] = False
+        try:
+            prepared = rl.prepare_chat(self.get_engine(), body, self._request_config())
+        except ContextLengthExceeded as exc:
+            return exc.prompt_tokens
+        return prepared.prompt_tokens
+
     # -- generation ------------------------------------------------------------------------------
     def _prepare(self, engine, messages: list[BaseMessage], stop, kwargs, *,
                  stream: bool) -> rl.Prepared:

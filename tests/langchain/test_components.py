@@ -65,3 +65,20 @@ def test_in_process_tool_round_trip_and_streamed_tool_call_chunks(engine_gguf):
     assert not final.tool_calls and final.response_metadata["finish_reason"] in ("stop", "length")
     # the call and its result were in the prompt: more input tokens than the question alone
     assert final.usage_metadata["input_tokens"] > llm.invoke(history).usage_metadata["input_tokens"] + 10
+
+
+def test_message_token_counts_are_the_rendered_prompt(engine_gguf):
+    """get_num_tokens_from_messages = the prompt a call sends (template, tool prompt), even past the
+    context; so trim_messages(token_counter=llm) keeps what fits."""
+    from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, trim_messages
+
+    llm = ChatCLlama(model_path=str(engine_gguf), max_tokens=1, temperature=0)
+    msgs = [SystemMessage("你是助手。"), HumanMessage("你好"), AIMessage("你好！"), HumanMessage("介绍杭州")]
+    n = llm.get_num_tokens_from_messages(msgs)
+    assert n == llm.invoke(msgs).usage_metadata["input_tokens"]
+    with_tools = llm.get_num_tokens_from_messages(msgs, tools=[multiply])
+    assert with_tools == llm.bind_tools([multiply]).invoke(msgs).usage_metadata["input_tokens"] > n
+    long = msgs + [HumanMessage("长" * 2000)]  # past the 1024-token context: still counted
+    assert llm.get_num_tokens_from_messages(long) > 1024
+    kept = trim_messages(long, max_tokens=n, token_counter=llm, strategy="first")
+    assert kept == msgs
