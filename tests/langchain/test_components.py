@@ -82,3 +82,52 @@ def test_message_token_counts_are_the_rendered_prompt(engine_gguf):
     assert llm.get_num_tokens_from_messages(long) > 1024
     kept = trim_messages(long, max_tokens=n, token_counter=llm, strategy="first")
     assert kept == msgs
+
+
+def test_llm_completion_paths_agree_with_the_request_layer(engine_gguf):
+    """CLlamaLLM: invoke, stream, ainvoke, astream, streaming=True and generate() with several prompts
+    all give the request layer's completion for the same options; stop strings cut the text."""
+    import asyncio
+
+    from langchain_core.callbacks import BaseCallbackHandler
+
+    from cllama_deploy.engine import requests as rl
+
+    path = str(engine_gguf)
+    llm = CLlamaLLM(model_path=path, temperature=0, max_tokens=20, logit_bias={2: -100.0})
+    engine = llm.get_engine()
+    prompts = ["Once upon a time", "北京是"]
+    want = [rl.complete(engine, p, temperature=0, max_tokens=20, logit_bias={2: -100.0}).choices[0].text
+            for p in prompts]
+    assert want[0] != want[1]
+    assert [llm.invoke(p) for p in prompts] == want
+    assert ["".join(llm.stream(p)) for p in prompts] == want
+
+    async def both():
+        return [await llm.ainvoke(p) for p in prompts], ["".join([c async for c in llm.astream(p)])
+                                                          for p in prompts]
+    assert asyncio.run(both()) == (want, want)
+
+    result = llm.generate(prompts)  # one request for both prompts
+    assert [g[0].text for g in result.generations] == want
+    usage = result.llm_output["token_usage"]
+    assert usage["completion_tokens"] == 40 and usage["prompt_tokens"] == sum(
+        len(engine.tokenize(p)) for p in prompts)
+    assert all(g[0].generation_info["finish_reason"] == "length" for g in result.generations)
+
+    class Tokens(BaseCallbackHandler):
+        seen: list = []
+
+        def on_llm_new_token(self, token, **kw):
+            self.seen.append(token)
+
+    cb = Tokens()
+    streaming = CLlamaLLM(model_path=path, temperature=0, max_tokens=20, logit_bias={2: -100.0},
+                          streaming=True)
+    assert streaming.invoke(prompts[0], config={"callbacks": [cb]}) == want[0]
+    assert "".join(cb.seen) == want[0] and len(cb.seen) > 1
+
+    # a stop string taken from the middle of the greedy text ends it there (and is not included)
+    stop = want[0][len(want[0]) // 2:][:3]
+    assert stop.strip() and llm.invoke(prompts[0], stop=[stop]) == want[0][:want[0].index(stop)]
+    assert "".join(llm.stream(prompts[0], stop=[stop])) == want[0][:want[0].index(stop)]
