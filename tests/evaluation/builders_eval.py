@@ -152,8 +152,9 @@ def write_lm_eval_task(root: Path, val: dict[str, list[dict]], name: str = "clla
     """A local lm-evaluation-harness multiple-choice task over the same items (a JSONL data file and a task
     YAML; no hub download): the prompt is ``eval choice``'s zero-shot prompt, the choices are the letters.
 
-    For the later lm-eval-against-`serve` test (issue 12): ``lm_eval --model local-completions --tasks NAME
-    --include_path ROOT`` scores loglikelihood of " A".."D" after the prompt.
+    ``lm_eval --model local-completions --tasks NAME --include_path ROOT`` scores the log-likelihood of "A".."D"
+    right after ``答案：`` (``target_delimiter: ""``; lm-eval's default " " would score "▁A", a different piece),
+    which is ``eval choice --score loglikelihood``.
     """
     from cllama_deploy.evaluation.choice import SUBJECTS, Item, build_prompt
 
