@@ -114,13 +114,29 @@ class QuantFile:
     bits_per_weight: float
     reused: bool
     seconds: float = 0.0
+    matrices: int = 0  # 2-D tensors
+    fallback: dict[str, int] = field(default_factory=dict)  # type llama.cpp fell back to → matrices
+
+    def fallback_note(self) -> str | None:
+        """Why a type's figures may equal another's: most of its matrices are of a fallback type."""
+        if not self.fallback:
+            return None
+        n = sum(self.fallback.values())
+        got = ", ".join(f"{c} to {t}" for t, c in sorted(self.fallback.items(), key=lambda x: -x[1]))
+        return (f"{self.type}: {n} of {self.matrices} weight matrices fell back ({got}): their rows are not a "
+                f"multiple of {self.type}'s block size, so this row measures those types there")
 
 
 def _file_info(qtype: str, path: Path, reused: bool, seconds: float = 0.0) -> QuantFile:
     from cllama_deploy.gguf.quantize import QUANT_TYPES, tensor_report
 
-    _, n_el, n_bytes = tensor_report(path, QUANT_TYPES[qtype][1])
-    return QuantFile(qtype, path, path.stat().st_size, 8.0 * n_bytes / n_el if n_el else 0.0, reused, seconds)
+    tensors, n_el, n_bytes = tensor_report(path, QUANT_TYPES[qtype][1])
+    fallback: dict[str, int] = {}
+    for t in tensors:
+        if t.status == "fallback":
+            fallback[t.type] = fallback.get(t.type, 0) + 1
+    return QuantFile(qtype, path, path.stat().st_size, 8.0 * n_bytes / n_el if n_el else 0.0, reused, seconds,
+                     matrices=sum(len(t.shape) >= 2 for t in tensors), fallback=fallback)
 
 
 def prepare_files(config: QuantEvalConfig) -> list[QuantFile]:
@@ -140,7 +156,11 @@ def prepare_files(config: QuantEvalConfig) -> list[QuantFile]:
             continue
         r = quantize(QuantizeConfig(input=config.input, output=path, type=qtype, threads=config.quant_threads),
                      show_progress=config.show_progress)
-        out.append(QuantFile(qtype, path, r.size_bytes, r.bits_per_weight, reused=False, seconds=r.seconds))
+        fallback: dict[str, int] = {}
+        for t in r.fallbacks:
+            fallback[t.type] = fallback.get(t.type, 0) + 1
+        out.append(QuantFile(qtype, path, r.size_bytes, r.bits_per_weight, reused=False, seconds=r.seconds,
+                             matrices=sum(len(t.shape) >= 2 for t in r.tensors), fallback=fallback))
     return out
 
 
@@ -156,7 +176,7 @@ class QuantRow:
         f = self.file
         return {"type": f.type, "path": str(f.path), "size_bytes": f.size_bytes,
                 "bits_per_weight": round(f.bits_per_weight, 4), "reused": f.reused,
-                "quantize_seconds": round(f.seconds, 2), **self.stats,
+                "quantize_seconds": round(f.seconds, 2), "fallback_matrices": dict(f.fallback), **self.stats,
                 "prompt_tokens_per_second": round(self.prompt_tps, 2),
                 "prompt_tokens_per_second_stdev": round(self.prompt_tps_stdev, 2),
                 "generation": self.gen}
@@ -200,7 +220,7 @@ def evaluate_quants(config: QuantEvalConfig) -> QuantReport:
     t0 = time.perf_counter()
     text = read_text(config.text)
     files = prepare_files(config)
-    notes: list[str] = []
+    notes: list[str] = [n for n in (f.fallback_note() for f in files) if n]
     n_ctx = max(config.ctx, config.gen_tokens + 1)
     with contextlib.ExitStack() as stack:
         ref_path = config.reference or config.input

@@ -73,6 +73,21 @@ def test_existing_files_are_reused(cli_report, ev_models, ev_text):
     assert f32_row.file.path == ev_models.base_gguf  # the input itself, not a copy
 
 
+def test_a_type_that_fell_back_says_so(ev_models, ev_text, tmp_path):
+    """The tiny model's rows (64 values) are not a multiple of a k-quant's 256: llama.cpp writes Q6_K's
+    matrices as another type, and the report says so instead of showing Q6_K's figures as Q6_K's."""
+    report = evaluate_quants(QuantEvalConfig(input=ev_models.base_gguf, types=["Q8_0", "Q6_K"], text=ev_text, ctx=CTX,
+                                             chunks=2, out_dir=tmp_path, gen_tokens=0, show_progress=False))
+    q8, q6 = report.rows
+    assert q8.file.fallback == {} and q6.file.fallback and sum(q6.file.fallback.values()) <= q6.file.matrices
+    assert q6.to_dict()["fallback_matrices"] == q6.file.fallback
+    assert [n for n in report.notes if n.startswith("Q6_K: ")] == [q6.file.fallback_note()]
+    assert not any(n.startswith("Q8_0") for n in report.notes)
+    again = evaluate_quants(QuantEvalConfig(input=ev_models.base_gguf, types=["Q6_K"], text=ev_text, ctx=CTX,
+                                            chunks=2, out_dir=tmp_path, gen_tokens=0, show_progress=False))
+    assert again.rows[0].file.reused and again.rows[0].file.fallback == q6.file.fallback  # read back from the file
+
+
 def test_hf_reference(ev_models, ev_text, tmp_path):
     report = evaluate_quants(QuantEvalConfig(input=ev_models.base_gguf, types=["F32", "Q4_0"], text=ev_text, ctx=CTX,
                                              reference=ev_models.base, out_dir=tmp_path, gen_tokens=0,
