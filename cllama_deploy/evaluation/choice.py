@@ -22,7 +22,8 @@ The seed evaluated zero-shot without the first line; here it is always there (C-
 ``--score loglikelihood`` instead scores each letter the way lm-evaluation-harness's ``multiple_choice``
 tasks do (``acc``): the log-probability of the letter's tokens appended to the prompt text, with lm-eval's
 split of the text into context and continuation (the tokens of ``prompt + X`` after the prompt's own
-tokens). After ``答案：`` that continuation is the bare ``X`` piece alone, so the two methods differ: the seed's
+tokens; whitespace ending the prompt moves to the continuation). After ``答案：`` that continuation is the bare
+``X`` piece alone, so the two methods differ: the seed's
 adds the ``▁X`` logit (and compares raw logits), lm-eval's does not; on a model that is not sure of an answer
 they pick different letters (docs/evaluation.md, the lm-eval section).
 """
@@ -255,19 +256,22 @@ def _log_softmax(row: np.ndarray) -> np.ndarray:
     return row - m - np.log(np.exp(row - m).sum())
 
 
-def loglikelihoods(scorer, prompt: str, ids: list[int], last: np.ndarray,
-                   choices: Sequence[str] = LETTERS) -> tuple[list[float], list[list[int]]]:
+def loglikelihoods(scorer, prompt: str, choices: Sequence[str] = LETTERS) -> tuple[list[float], list[list[int]]]:
     """lm-evaluation-harness's ``multiple_choice`` scores: per choice, the summed log-probability of its
-    continuation tokens, split as lm-eval splits them (the tokens of ``prompt + choice`` after the
-    ``len(ids)`` tokens of the prompt; ``ids`` has the BOS; ``last``: the prompt's next-token logits).
+    continuation tokens, split as lm-eval's ``_encode_pair`` splits them: whitespace at the end of the prompt
+    moves to the continuation (the Alpaca template's ``### Response: `` scores ``" X"``), the context is the
+    rest with BOS, and the continuation is the tokens of ``context + continuation`` after the context's.
 
     Returns:
         (scores, continuations): one log-likelihood and one token-id list per choice.
     """
-    first = _log_softmax(last)
+    context = prompt.rstrip()
+    spaces = prompt[len(context):]
+    ids = scorer.tokenize(context, add_bos=True)
+    first = _log_softmax(scorer.last_logits(ids))
     scores, conts = [], []
     for c in choices:
-        cont = scorer.tokenize(prompt + c, add_bos=True)[len(ids):]
+        cont = scorer.tokenize(context + spaces + c, add_bos=True)[len(ids):]
         if len(cont) == 1:
             lp = float(first[cont[0]])
         else:  # a continuation of several pieces: teacher-forced over it
@@ -431,11 +435,11 @@ def evaluate_choice(config: ChoiceConfig) -> ChoiceResult:
                 for item in questions:
                     text, ids, k = _fit(scorer, zh, item, dev, config.template, n_ctx)
                     fewer += k < len(dev)
-                    logits = scorer.last_logits(ids)
                     extra = {}
                     if config.score == "loglikelihood":
-                        scores, extra["continuations"] = loglikelihoods(scorer, text, ids, logits)
+                        scores, extra["continuations"] = loglikelihoods(scorer, text)
                     else:
+                        logits = scorer.last_logits(ids)
                         scores = logits[spaced] + logits[bare]
                     pred = LETTERS[int(np.argmax(scores))]
                     if need_answer:

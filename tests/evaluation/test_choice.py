@@ -46,7 +46,8 @@ def test_shuffled_answers_score_at_chance(choice_case, zero_shot):
 
 
 @pytest.mark.parametrize("shots, template, score", [(0, "none", "seed"), (2, "none", "seed"), (0, "alpaca", "seed"),
-                                                   (3, "alpaca", "seed"), (2, "none", "loglikelihood")])
+                                                   (3, "alpaca", "seed"), (2, "none", "loglikelihood"),
+                                                   (0, "alpaca", "loglikelihood")])
 def test_hf_and_gguf_agree_on_every_item(shots, template, score, choice_case):
     hf = _run(choice_case.hf, choice_case.data, shots=shots, template=template, score=score)
     gg = _run(choice_case.gguf, choice_case.data, shots=shots, template=template, score=score, kv_cache_type="f32")
@@ -79,8 +80,12 @@ def test_loglikelihood_is_the_log_probability_of_the_continuation(choice_case):
         prompt = "以下是中国关于法学考试的单项选择题。\n答案："
         ids = scorer.tokenize(prompt)
         choices = ["A", "计算机网络", " B. 大学"]
-        scores, conts = loglikelihoods(scorer, prompt, ids, scorer.last_logits(ids), choices)
+        scores, conts = loglikelihoods(scorer, prompt, choices)
         assert [len(c) for c in conts][0] == 1 and min(len(c) for c in conts[1:]) > 1
+        # lm-eval moves whitespace ending the context into the continuation: "… " + "A" scores " A" after "…"
+        spaced, spaced_conts = loglikelihoods(scorer, prompt + " ", ["A"])
+        assert spaced_conts == [scorer.tokenize(prompt + " A")[len(ids):]] and spaced_conts != [conts[0]]
+        assert spaced == loglikelihoods(scorer, prompt, [" A"])[0]
         for score, cont in zip(scores, conts):
             rows = scorer.window_logits(ids + cont)[len(ids) - 1:-1].astype(np.float64)
             logp = rows - np.log(np.exp(rows - rows.max(1, keepdims=True)).sum(1, keepdims=True)) \
