@@ -35,7 +35,12 @@ EN_NUMBER_TEMPLATES = ("{n} in chinese is {zh}.", "the number {n} is read {zh}."
 # Years are read digit by digit (2005年 → 二零零五年): the one place where a lone 0 is read 零.
 YEAR_TEMPLATES = ("{n}年读作{zh}年。", "那是{n}年，也就是{zh}年。")
 ZH_NUMBER_TEMPLATES = ("{n}写作{zh}。", "数字{n}读作{zh}。", "{n}的中文写法是{zh}。", "我们把{n}写成{zh}。",
-                       "{n}就是{zh}。")
+                       "{n}就是{zh}。", "把{n}写成中文数字是{zh}。")
+# Every character of the templates and of the task's instruction, for the base tokenizer: each is a
+# piece of the base (as the common characters are in LLaMA's vocabulary), so the instruction tokenizes
+# the same way before and after the merge and the base's knowledge of it carries over to SFT.
+TEMPLATE_CHARS = "".join(sorted({c for t in ZH_NUMBER_TEMPLATES + YEAR_TEMPLATES + (instruction(0),)
+                                 for c in t if "\u4e00" <= c <= "\u9fff" or c in "，。"}))
 
 
 def training_number(rng: random.Random, high: int) -> int:
@@ -86,11 +91,21 @@ def _readings(numbers: Iterable[int], templates: tuple[str, ...], rng: random.Ra
 # Copies of a number per pass, by its number of digits: short numbers are few (90 of 0-9999 have two
 # digits or fewer), and a model that saw them once in a hundred examples answers 17 with 一百七十七.
 REPEATS_BY_DIGITS = {1: 8, 2: 8, 3: 3, 4: 1}
+# Numbers with two zeros inside (X00Y: 1003 → 一千零三) are 81 of 0-9999 and read unlike their
+# neighbours; seen once per pass, the model reads 1003 as 一千零三十三 (measured: 6 of 11 errors).
+REPEATS_INNER_ZEROS = 4
+
+
+def repeats(n: int) -> int:
+    """Copies of ``n`` per pass (:data:`REPEATS_BY_DIGITS`, :data:`REPEATS_INNER_ZEROS`)."""
+    digits = str(n)
+    inner_zeros = len(digits) == 4 and digits[1:3] == "00" and digits[3] != "0"
+    return max(REPEATS_BY_DIGITS[len(digits)], REPEATS_INNER_ZEROS if inner_zeros else 0)
 
 
 def weighted(numbers: Iterable[int]) -> list[int]:
-    """``numbers`` with the short ones repeated (:data:`REPEATS_BY_DIGITS`)."""
-    return [n for n in numbers for _ in range(REPEATS_BY_DIGITS[len(str(n))])]
+    """``numbers`` with the short and the rare-pattern ones repeated (:func:`repeats`)."""
+    return [n for n in numbers for _ in range(repeats(n))]
 
 
 def _shuffled(numbers: list[int], passes: int, rng: random.Random) -> list[int]:
@@ -105,13 +120,13 @@ def _shuffled(numbers: list[int], passes: int, rng: random.Random) -> list[int]:
 def base_tokenizer_lines(*, en_lines: int, zh_lines: int, seed: int) -> list[str]:
     """The text the base tokenizer is trained on: the base's English and Chinese, without the readings
     of numbers (which would teach BPE to glue numerals: 三千, 四百一十), plus every numeral character
-    once, so each is a piece of its own, as in LLaMA's vocabulary."""
+    and every character of the templates once, so each is a piece of its own, as in LLaMA's vocabulary."""
     rng = random.Random(seed)
     lines = [_clean(lambda: " ".join(english_sentence(rng, number=training_number, words=BASE_EN_WORDS)
                                      for _ in range(rng.randint(1, 3)))) for _ in range(en_lines)]
     lines += [_clean(lambda: "".join(chinese_sentence(rng, number=training_number) for _ in range(rng.randint(1, 2))))
               for _ in range(zh_lines)]
-    return lines + [" ".join(NUMERAL_CHARS)]
+    return lines + [" ".join(NUMERAL_CHARS), " ".join(TEMPLATE_CHARS)]
 
 
 def base_lines(numbers: list[int], *, en_lines: int, zh_lines: int, passes: int, seed: int) -> list[str]:
