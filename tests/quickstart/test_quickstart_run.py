@@ -29,9 +29,6 @@ def _row(report: dict, key: str) -> dict:
     return next(r for r in report["models"] if r["key"] == key)
 
 
-@pytest.mark.xfail(strict=False, reason="the --fast recipe (120 base steps) is not yet robust: 96.6 % at 1 thread before "
-                   "the template-character change, 11.9 % at 2 threads after it (the SFT reads the first digit "
-                   "wrong when the base is under-trained); see /work/coord/quickstart.md")
 def test_fast_run_learns_the_task(fast_run):
     _, report = fast_run
     hf = _row(report, "hf")
