@@ -13,7 +13,8 @@ Measured for every server, at every thread count, in alternating order over --ro
   8 concurrent streaming clients (``/v1/completions``, greedy, EOS blocked with logit_bias, so every
   request generates exactly --max-tokens tokens; every prompt distinct, ~40 tokens);
 - a 1,000-token prompt joining 4 running streams: the running streams' inter-token p99 while the long
-  prompt is prefilled, against their p50 before it joined (bar for ours: <= 3x);
+  prompt is prefilled, against their p50 before it joined (bar for ours: <= 3x), and the long
+  prompt's time to first token (not for llama_cpp.server, which serves one request at a time);
 - (ours, and llama-server for reference) the time to first token of the 5th turn of a chat that
   re-sends its history, with the prefix cache on vs off (bar: <= 0.5x).
 Bars from issue 8: at 8 clients >= 0.9x llama-server's aggregate tokens/s, at 1 client >= 0.95x.
@@ -51,6 +52,7 @@ DATA = Path("/work/shared/data")
 LLAMA_SERVER_DEFAULT = Path.home() / ".cache/cllama-bench/llama-build/bin/llama-server"
 LLAMA_SERVER = LLAMA_SERVER_DEFAULT
 N_CTX = 2048  # per sequence, every server
+FLASH_ATTN = "off"  # ours (--flash-attn); llama-server runs its default (auto: on for CPUs)
 PARALLEL = 8
 EOS = 2
 WORDS_EN = ("river village morning light story garden market winter teacher window mountain letter "
@@ -144,7 +146,7 @@ def servers(model: Path, threads: int, work: Path, which: list[str]) -> dict:
     if "ours" in which or "ours-nocache" in which:
         base = [sys.executable, "-m", "cllama_deploy", "serve", f"bench={model}", "--threads", t,
                 "--n-ctx", str(N_CTX), "--parallel", str(PARALLEL), "--no-access-log", "--log-level",
-                "warning", "--max-queue", "256", "--port"]
+                "warning", "--max-queue", "256", "--flash-attn", FLASH_ATTN, "--port"]
         if "ours" in which:
             p = free_port()
             out["ours"] = Server("ours", base + [str(p)], p, "bench", env)
@@ -158,7 +160,8 @@ def servers(model: Path, threads: int, work: Path, which: list[str]) -> dict:
         lenv = {**env, "PYTHONPATH": str(deps)}
         out["llama_cpp.server"] = Server("llama_cpp.server", [
             sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--n_threads", t,
-            "--n_threads_batch", t, "--n_ctx", str(N_CTX), "--port", str(p), "--host", "127.0.0.1"],
+            "--n_threads_batch", t, "--n_ctx", str(N_CTX), "--port", str(p), "--host", "127.0.0.1",
+            "--interrupt_requests", "False"],  # by default a new request cuts the running stream
             p, str(model), lenv)
     if "llama-server" in which:
         p = free_port()
@@ -197,8 +200,9 @@ def _dechunk(body: bytes) -> bytes:
     return bytes(out)
 
 
-async def stream_completion(port: int, body: dict) -> dict:
-    """POST a streaming completion; timestamps of every event that carries text."""
+async def stream_completion(port: int, body: dict, out: dict | None = None) -> dict:
+    """POST a streaming completion; timestamps of every event that carries text (also filled into
+    ``out`` as they come, for a caller that cancels the stream)."""
     payload = json.dumps({**body, "stream": True}).encode()
     t0 = time.perf_counter()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -209,7 +213,7 @@ async def stream_completion(port: int, body: dict) -> dict:
     head = await reader.readuntil(b"\r\n\r\n")
     status = int(head.split(b" ", 2)[1])
     chunked = b"transfer-encoding: chunked" in head.lower()
-    stamps: list[float] = []
+    stamps: list[float] = [] if out is None else out.setdefault("stamps", [])
     texts: list[str] = []
     finish, usage, buf = None, None, b""
 
@@ -311,31 +315,36 @@ async def load_run(server: Server, clients: int, per_client: int, max_tokens: in
 async def join_run(server: Server, seed: int, long_tokens: int = 1000) -> dict:
     """4 running streams; a ~1000-token prompt joins; their inter-token gaps before and during."""
     rng = random.Random(seed)
+    partial = [{} for _ in range(4)]
     running = [asyncio.ensure_future(stream_completion(server.port, body(
-        server, prompt_text(rng, 24), 160))) for _ in range(4)]
-    await asyncio.sleep(4.0)  # the four are prefilled and generating (160 tokens take far longer)
+        server, prompt_text(rng, 24), 1000), partial[i])) for i in range(4)]
+    await asyncio.sleep(4.0)  # the four are prefilled and generating
     long_prompt = prompt_text(rng, 20)
     while n_tokens(long_prompt) < long_tokens:
         long_prompt += " " + prompt_text(rng, 10)
     t_join = time.perf_counter()
     joined = await stream_completion(server.port, body(server, long_prompt, 8))
     t_first = joined["stamps"][0] if joined["stamps"] else time.perf_counter()
-    results = await asyncio.gather(*running)
+    await asyncio.sleep(2.0)
+    outlived = all(not f.done() for f in running)
+    for f in running:  # disconnect: the servers cancel the generations
+        f.cancel()
+    await asyncio.gather(*running, return_exceptions=True)
+    results = partial
     before, during = [], []
     for r in results:
-        s = r["stamps"]
+        s = r.get("stamps", [])
         for a, b in zip(s, s[1:]):
             if b <= t_join:
                 before.append(b - a)
             elif a < t_first:  # a gap that overlaps the long prompt's prefill
                 during.append(b - a)
     p50, p99 = pct(before, 50), pct(during, 99)
-    assert all(r["stamps"] and r["stamps"][-1] > t_first for r in results), "streams ended too early"
     return {"join_ttft_s": round(t_first - t_join, 3), "long_prompt_tokens": n_tokens(long_prompt),
             "itl_p50_before_ms": round(p50 * 1e3, 1),
             "itl_p99_during_ms": round(p99 * 1e3, 1), "itl_max_during_ms": round(max(during,
                                                                                   default=0) * 1e3, 1),
-            "gaps_during": len(during), "p99_over_p50": round(p99 / p50, 2) if p50 else None}
+            "gaps_during": len(during), "streams_outlived_join": outlived, "p99_over_p50": round(p99 / p50, 2) if p50 else None}
 
 
 async def chat_run(server: Server, seed: int, turns: int = 5) -> dict:
@@ -395,7 +404,7 @@ def measure(server: Server, args, seed: int) -> dict:
         print(f"  {server.name:16s} {clients} clients: {r['tok_s']:7.2f} tok/s  ttft p50 "
               f"{r['ttft_p50_ms']:7.0f} ms p99 {r['ttft_p99_ms']:7.0f}  itl p50 {r['itl_p50_ms']:6.1f} "
               f"p99 {r['itl_p99_ms']:6.1f} ms {res['ours_internals'].get(clients, '')}", flush=True)
-    if not args.no_join:
+    if not args.no_join and server.name != "llama_cpp.server":  # serial: the prompt waits for the four
         res["join"] = asyncio.run(join_run(server, seed + 100))
         print(f"  {server.name:16s} 1000-token join: {res['join']}", flush=True)
     return res
@@ -413,9 +422,14 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=4, help="requests at 1 client")
     ap.add_argument("--chats", type=int, default=3, help="5-turn chats per cache setting")
     ap.add_argument("--no-join", action="store_true")
+    ap.add_argument("--no-chat", action="store_true")
+    ap.add_argument("--flash-attn", default="off", choices=["off", "on", "auto"],
+                    help="ours' --flash-attn (what bounds us against llama-server, which runs it auto)")
     ap.add_argument("--llama-server", default=str(LLAMA_SERVER_DEFAULT))
     ap.add_argument("--quick", action="store_true", help="1 thread, 1 round, small counts (script check)")
     args = ap.parse_args()
+    global FLASH_ATTN
+    FLASH_ATTN = args.flash_attn
     global LLAMA_SERVER
     LLAMA_SERVER = Path(args.llama_server)  # noqa: PLW0603
     if args.quick:
@@ -440,7 +454,8 @@ def main() -> int:
                           flush=True)
                     r = measure(srv, args, seed=1000 * rnd)
                 out["runs"].append({"threads": threads, "round": rnd, "server": name, **r})
-        out.setdefault("chat", {})[threads] = chat_study(model, threads, work, args)
+        if not args.no_chat:
+            out.setdefault("chat", {})[threads] = chat_study(model, threads, work, args)
     summary = summarize(out, args)
     out["summary"] = summary
     (work / "results.json").write_text(json.dumps(out, indent=1))
@@ -479,8 +494,9 @@ def summarize(out: dict, args) -> dict:
                               "ttft_p50_ms": statistics.median(r["load"][c]["ttft_p50_ms"] for r in mine),
                               "itl_p50_ms": statistics.median(r["load"][c]["itl_p50_ms"] for r in mine),
                               "itl_p99_ms": statistics.median(r["load"][c]["itl_p99_ms"] for r in mine)}
-            if not args.no_join:
+            if not args.no_join and name != "llama_cpp.server":
                 s[name]["join_p99_over_p50"] = [r["join"]["p99_over_p50"] for r in mine]
+                s[name]["join_ttft_s"] = [r["join"]["join_ttft_s"] for r in mine]
         if "ours" in s and "llama-server" in s:
             s["ours_over_llama_server"] = {c: round(s["ours"][c]["tok_s_median"]
                                                     / s["llama-server"][c]["tok_s_median"], 3)
