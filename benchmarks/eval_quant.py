@@ -89,6 +89,8 @@ def llama_ppl(model: Path, text: Path, chunks: int, threads: int, log: Path, ext
     res = {"seconds": round(seconds, 2)}
     if m := re.search(r"Final estimate: PPL = ([\d.]+) \+/- ([\d.]+)", out):
         res.update(ppl=float(m.group(1)), ppl_stderr=float(m.group(2)))
+    elif m := re.search(r"Mean PPL\(Q\)\s+:\s+([\d.]+)\s+±\s+([\d.]+)", out):  # the --kl-divergence run's form
+        res.update(ppl=float(m.group(1)), ppl_stderr=float(m.group(2)))
     if m := re.search(r"Mean\s+KLD:\s+([-\d.]+)\s+±\s+([-\d.]+)", out):
         res.update(kld_mean=float(m.group(1)), kld_stderr=float(m.group(2)))
     if m := re.search(r"Same top p:\s+([\d.]+)\s+±\s+([\d.]+)", out):
@@ -113,10 +115,11 @@ def main() -> int:
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     f16, text = setup(work)
-    results: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "chunks": args.chunks}
+    results: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "chunks": args.chunks,
+                     "threads": args.threads}
     if args.skip_quant and (work / "results.json").is_file():
         earlier = json.loads((work / "results.json").read_text())
-        results.update({k: earlier[k] for k in ("eval_quant", "llama_perplexity") if k in earlier})
+        results.update({k: earlier[k] for k in ("eval_quant", "llama_perplexity", "threads") if k in earlier})
     env = dict(os.environ, CLLAMA_N_THREADS=str(args.threads))
 
     if not args.skip_quant:
@@ -172,7 +175,7 @@ def render(res: dict) -> str:
         f16 = rows["F16"]
         lp = res["llama_perplexity"]
         lines += [f"`eval quant` ({res['eval_quant']['seconds']:.0f} s, {rep['chunks']} windows × 512 tokens, "
-                  f"{rep['tokens_scored']} tokens scored, 1 thread):", "",
+                  f"{rep['tokens_scored']} tokens scored, {res.get('threads', 1)} thread(s)):", "",
                   "| type | size MiB | bpw | size / F16 (seed 7B) | PPL ratio | mean KLD | same top p | RMS Δp | "
                   "prompt t/s | tg t/s | tg ms/tok | ms/tok vs F16 (seed 7B, -t 2) |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -190,7 +193,8 @@ def render(res: dict) -> str:
                 f"{tg:.2f} ± {r['generation']['stdev']:.2f} | {1000 / tg:.0f} | "
                 f"{(f16_tg / tg) if tg else 0:.2f} ({seed_ms}) |")
         ours_f16 = rep["reference"]["ppl"]
-        lines += ["", "Anchor, llama.cpp's `llama-perplexity` (same file, text, -c 512, same chunks, 1 thread):", "",
+        lines += ["", "Anchor, llama.cpp's `llama-perplexity` (same file, text, -c 512, same chunks, "
+                  f"{res.get('threads', 1)} thread(s)):", "",
                   "| | ours | llama-perplexity | ratio |", "|---|---|---|---|",
                   f"| F16 PPL | {ours_f16:.4f} | {lp['F16'].get('ppl', float('nan')):.4f} | "
                   f"{ours_f16 / lp['F16'].get('ppl', float('nan')):.6f} |",
