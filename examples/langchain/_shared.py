@@ -49,6 +49,14 @@ def split_text(text: str, chunk_size: int, chunk_overlap: int) -> list:
     return splitter.create_documents([text])
 
 
+def file_chunks(args) -> list:
+    """``--file`` read and split by ``--chunk-size``/``--chunk-overlap``, saying how (both examples start so)."""
+    docs = split_text(read_text(args.file), args.chunk_size, args.chunk_overlap)
+    print(f"split {args.file.name} into {len(docs)} chunks "
+          f"(at most {args.chunk_size} characters, {args.chunk_overlap} overlapping)")
+    return docs
+
+
 def read_text(path: Path) -> str:
     try:
         text = path.read_text(encoding="utf-8")

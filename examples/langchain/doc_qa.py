@@ -100,9 +100,7 @@ def main(argv=None) -> None:
     def run() -> None:
         from cllama_deploy.langchain import CLlamaEmbeddings
 
-        docs = _shared.split_text(_shared.read_text(args.file), args.chunk_size, args.chunk_overlap)
-        print(f"split {args.file.name} into {len(docs)} chunks "
-              f"(at most {args.chunk_size} characters, {args.chunk_overlap} overlapping)")
+        docs = _shared.file_chunks(args)
         for i, d in enumerate(docs):
             d.metadata["chunk"] = i
         llm = _shared.chat_model(args)

@@ -124,9 +124,7 @@ def main(argv=None) -> None:
         _shared.fail("--token-max must be positive (or 0: from the context)")
 
     def run() -> None:
-        docs = _shared.split_text(_shared.read_text(args.file), args.chunk_size, args.chunk_overlap)
-        print(f"split {args.file.name} into {len(docs)} chunks "
-              f"(at most {args.chunk_size} characters, {args.chunk_overlap} overlapping)")
+        docs = _shared.file_chunks(args)
         llm = _shared.chat_model(args)
         token_max = args.token_max or _token_max(llm, args.max_tokens)
         counter = _shared.make_counter()
