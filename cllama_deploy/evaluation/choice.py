@@ -42,6 +42,7 @@ import numpy as np
 
 from cllama_deploy.errors import ConfigError, InputError
 from cllama_deploy.evaluation.models import ModelOptions, model_kind, open_scorer
+from cllama_deploy.evaluation.stats import log_softmax_rows, nll_of
 from cllama_deploy.files import write_text_atomic
 from cllama_deploy.options import option
 
@@ -250,12 +251,6 @@ def build_prompt(subject_zh: str, item: Item, examples: list[Item], template: st
     return text
 
 
-def _log_softmax(row: np.ndarray) -> np.ndarray:
-    row = row.astype(np.float64)
-    m = row.max()
-    return row - m - np.log(np.exp(row - m).sum())
-
-
 def loglikelihoods(scorer, prompt: str, choices: Sequence[str] = LETTERS) -> tuple[list[float], list[list[int]]]:
     """lm-evaluation-harness's ``multiple_choice`` scores: per choice, the summed log-probability of its
     continuation tokens, split as lm-eval's ``_encode_pair`` splits them: whitespace at the end of the prompt
@@ -268,7 +263,7 @@ def loglikelihoods(scorer, prompt: str, choices: Sequence[str] = LETTERS) -> tup
     context = prompt.rstrip()
     spaces = prompt[len(context):]
     ids = scorer.tokenize(context, add_bos=True)
-    first = _log_softmax(scorer.last_logits(ids))
+    first = log_softmax_rows(np.asarray(scorer.last_logits(ids))[None])[0]
     scores, conts = [], []
     for c in choices:
         cont = scorer.tokenize(context + spaces + c, add_bos=True)[len(ids):]
@@ -276,7 +271,7 @@ def loglikelihoods(scorer, prompt: str, choices: Sequence[str] = LETTERS) -> tup
             lp = float(first[cont[0]])
         else:  # a continuation of several pieces: teacher-forced over it
             rows = scorer.window_logits(ids + cont[:-1], first=len(ids) - 1)
-            lp = float(first[cont[0]]) + sum(float(_log_softmax(r)[t]) for r, t in zip(rows[1:], cont[1:]))
+            lp = float(first[cont[0]]) - float(nll_of(np.asarray(rows)[1:], cont[1:]).sum())
         scores.append(lp)
         conts.append(cont)
     return scores, conts
