@@ -10,9 +10,15 @@ llama.cpp sampler chain). Nothing else in the package touches ``llama_cpp`` hand
 Pitfalls this module deals with (learned from the API and llama-cpp-python's example server):
 - ``llama_get_logits_ith`` takes the token's index in the batch (not the output row number).
 - In a unified KV cache (``kv_unified``) ``llama_memory_seq_cp`` of a position range makes the
-  destination share the source's cells: copying a prefix costs no memory and no compute. Without
-  ``kv_unified`` sequences live in separate streams and only whole-sequence copies work; we always
-  use the unified cache.
+  destination share the source's cells: copying a prefix costs no memory and no compute. But every
+  token then attends over every occupied cell of every sequence (masked), which makes a step of 8
+  sequences ~1.3x slower than with one stream per sequence (measured, TinyLlama shape, 2 threads).
+  So generation uses one stream per sequence (``kv_unified=False``, as llama.cpp's ``llama-server
+  --parallel N`` does): seq id ``i`` lives in stream ``i`` (ids must be ``< n_seq_max``), a copy
+  between streams is a whole-stream buffer copy (:meth:`Context.seq_copy_prefix` copies it all, then
+  drops the tail), and ``llama_decode`` splits a step into micro-batches of consecutive seq ids with
+  equal token counts: fill a batch in seq-id order and keep ids low, or a step costs several passes
+  over the weights.
 - ``llama_decode`` returns 1 when no KV slot is free; the memory is restored then, so the caller may
   retry after freeing cells. We never get there because admission reserves cells (see scheduler).
 - A ``llama_sampler_init_grammar`` that fails to parse returns NULL (and logs); check before use.
@@ -252,9 +258,10 @@ class Context:
     """A llama.cpp context: the KV memory all sequences share, decoding, and per-row outputs.
 
     ``flash_attn``: llama.cpp's flash attention on (True), off (False, the default) or llama.cpp's
-    choice (None, "auto": on where the backend supports it, as on CPUs). In a unified KV cache it
-    skips the cells masked out for a token (other sequences', cached prefixes'), which plain
-    attention multiplies through; but its results depend on the batch (see LlamaCppConfig).
+    choice (None, "auto": on where the backend supports it, as on CPUs). It skips the cells masked
+    out for a token, which plain attention multiplies through; but its results depend on how the
+    prompt was split into batches (see LlamaCppConfig). ``kv_unified``: one KV buffer for all
+    sequences (True) or one stream per sequence (False; see the module docstring).
 
     ``decode_hook``, when set, is called as ``decode_hook(n_tokens)`` on the calling (worker) thread
     right before every ``llama_decode``: the one seam tests use to slow or observe the real decode
@@ -263,7 +270,7 @@ class Context:
 
     def __init__(self, model: Model, *, n_ctx: int, n_batch: int, n_ubatch: Optional[int] = None,
                  n_seq_max: int = 1, n_threads: int = 1, embeddings: bool = False,
-                 kv_type: str = "f16", flash_attn: Optional[bool] = False):
+                 kv_type: str = "f16", flash_attn: Optional[bool] = False, kv_unified: bool = True):
         lc = _lib()
         p = lc.llama_context_default_params()
         p.n_ctx = n_ctx
@@ -272,7 +279,7 @@ class Context:
         p.n_seq_max = n_seq_max
         p.n_threads = n_threads
         p.n_threads_batch = n_threads
-        p.kv_unified = True
+        p.kv_unified = kv_unified
         p.type_k = p.type_v = KV_TYPES[kv_type]
         p.flash_attn_type = (lc.LLAMA_FLASH_ATTN_TYPE_AUTO if flash_attn is None else
                              lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else
@@ -291,6 +298,7 @@ class Context:
         self.n_ctx = int(lc.llama_n_ctx(ptr))
         self.n_batch = int(lc.llama_n_batch(ptr))
         self.n_seq_max = int(lc.llama_n_seq_max(ptr))
+        self.unified = kv_unified
         self.n_vocab = model.n_vocab
         self.decode_hook: Optional[Callable[[int], None]] = None
         self._closed = False
@@ -347,8 +355,35 @@ class Context:
     def seq_cp(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:
         _lib().llama_memory_seq_cp(self.mem, src, dst, p0, p1)
 
+    def seq_copy_prefix(self, src: int, dst: int, n: int) -> None:
+        """``dst`` (empty) gets ``src``'s first ``n`` cells: shared in a unified cache; between
+        streams llama.cpp copies the whole stream (at the next decode), so the tail is dropped."""
+        if self.unified:
+            self.seq_cp(src, dst, 0, n)
+        else:
+            self.seq_cp(src, dst, -1, -1)
+            self.seq_rm(dst, n, -1)
+
     def seq_keep(self, seq_id: int) -> None:
         _lib().llama_memory_seq_keep(self.mem, seq_id)
+
+    def seq_save(self, seq_id: int) -> bytes:
+        """The sequence's KV cells (positions and K/V rows) as llama.cpp's state bytes."""
+        lc = _lib()
+        size = int(lc.llama_state_seq_get_size(self.ptr, seq_id))
+        buf = (ctypes.c_uint8 * size)()
+        written = int(lc.llama_state_seq_get_data(self.ptr, buf, size, seq_id))
+        return bytes(memoryview(buf)[:written])
+
+    def seq_restore(self, data: bytes, seq_id: int) -> bool:
+        """Put saved cells back as ``seq_id`` (replacing what it held); False when llama.cpp could
+        not (no free cells), with the sequence left empty."""
+        lc = _lib()
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        if int(lc.llama_state_seq_set_data(self.ptr, buf, len(data), seq_id)) == 0:
+            self.seq_rm(seq_id)
+            return False
+        return True
 
     def seq_pos_max(self, seq_id: int) -> int:
         return int(_lib().llama_memory_seq_pos_max(self.mem, seq_id))

@@ -40,6 +40,10 @@ log = logging.getLogger("cllama_deploy.engine")
 
 DEFAULT_PARALLEL = 4
 DEFAULT_PREFILL_CHUNK = 512
+# the prefix cache (finished sequences' KV in host memory): at most this many entries, and at most as
+# many bytes as the KV cache itself or this, whichever is less
+PREFIX_CACHE_ENTRIES = 32
+PREFIX_CACHE_BYTES = 1 << 30
 
 
 @dataclass
@@ -62,11 +66,10 @@ class LlamaCppConfig:
             step alone.
         kv_cache_type: element type of the KV cache, ``f16`` (llama.cpp's default) or ``f32``.
         flash_attn: llama.cpp's flash attention: ``off`` (default), ``on``, or ``auto`` (llama.cpp
-            decides; on for CPUs). It skips the KV cells other sequences hold instead of multiplying
-            through them, but its result depends on what else is in the batch (f16 accumulation,
-            different kernels for prompt chunks and single tokens: log-probabilities move by ~1e-2
-            with an f16 cache), so with it on a request's output is no longer exactly what it is
-            served alone; off keeps that guarantee.
+            decides; on for CPUs). Steps are ~10 % cheaper on CPUs with it, but its result depends on
+            how a prompt was split into steps (f16 accumulation, different kernels for prompt chunks
+            and single tokens: log-probabilities move by ~1e-2 with an f16 cache), so with it on a
+            request's output is no longer exactly what it is served alone; off keeps that guarantee.
     """
 
     model_path: str = field(metadata={"help": "GGUF file.", "argument": True})
@@ -204,13 +207,13 @@ class LlamaCppEngine:
         self.n_ctx = config.n_ctx or model.n_ctx_train
         self.bos_id, self.eos_id, self.add_bos = model.bos_id, model.eos_id, model.add_bos
         self.parallel = config.parallel
-        cache_entries = max(8, 2 * config.parallel) if config.prefix_cache else 0
-        n_seq_max = min(llama_api.max_sequences(), config.parallel + cache_entries)
+        n_seq_max = min(llama_api.max_sequences(), config.parallel)
         n_batch = min(config.n_batch, self.n_ctx * config.parallel)
+        kv_bytes = self.n_ctx * config.parallel * model.kv_bytes_per_token(config.kv_cache_type)
         try:
             self.context = llama_api.Context(
                 model, n_ctx=self.n_ctx * config.parallel, n_batch=n_batch, n_seq_max=n_seq_max,
-                n_threads=self.n_threads, kv_type=config.kv_cache_type,
+                n_threads=self.n_threads, kv_type=config.kv_cache_type, kv_unified=False,
                 flash_attn={"auto": None, "on": True, "off": False}[config.flash_attn])
         except llama_api.ModelLoadError as exc:
             model.close()
@@ -221,7 +224,8 @@ class LlamaCppEngine:
         self.scheduler = BatchScheduler(
             self._runner, parallel=config.parallel, max_queue=config.max_queue, n_ctx=self.n_ctx,
             n_batch=n_batch, prefill_chunk=config.prefill_chunk, prefix_cache=config.prefix_cache,
-            cache_entries=n_seq_max - config.parallel, name=config.model_id)
+            cache_entries=PREFIX_CACHE_ENTRIES, cache_bytes=min(PREFIX_CACHE_BYTES, kv_bytes),
+            name=config.model_id)
         self._closed = False
         self._close_lock = threading.Lock()
         self.info = self._model_info()

@@ -19,17 +19,22 @@ next tokens by a bounded factor instead of freezing them for the whole prompt, o
 tokens are cheap: large chunks) as on one CPU core (where each costs nearly a decode step: small
 chunks). With nobody generating, a step takes up to ``n_batch``.
 
-KV budget (see docs/serving.md): the context holds ``parallel × n_ctx`` cells in one unified cache.
-A sequence reserves ``prompt + limit ≤ n_ctx`` cells when it starts, so every admitted sequence can
-always finish; cells no running sequence needs hold the prefix cache (finished sequences, evicted
-least recently used first). A prompt that shares a prefix with KV already resident (a running
-sequence's or a cached one's) gets those cells by ``seq_cp`` (shared, not copied) and computes only
-the rest; choices of one request share the prompt's prefill.
+KV budget (see docs/serving.md): the context holds ``parallel × n_ctx`` cells, one stream of
+``n_ctx`` per slot (the seq id is the stream; the lowest free id is taken, and each step's batch is
+in seq-id order, so that llama.cpp decodes the step in as few micro-batches as it can). A sequence
+needs ``prompt + limit ≤ n_ctx`` cells, so every admitted sequence can always finish. Only running
+sequences live in the KV: a step attends over every cell a stream holds, so a finished sequence's
+KV goes to the prefix cache in host memory (``llama_state_seq_get_data``; bounded, least recently
+used evicted first). A prompt that shares a prefix with a running sequence gets those cells copied
+(llama.cpp's stream copy; shared by ``seq_cp`` in a unified cache); one that shares more with a
+cached sequence gets its cells copied back (``llama_state_seq_set_data``); either way a memcpy, and
+it computes only the rest. Choices of one request share the prompt's prefill.
 """
 
 from __future__ import annotations
 
 import contextlib
+import heapq
 import logging
 import threading
 import time
@@ -103,13 +108,15 @@ class BatchScheduler:
         n_batch: most tokens in one ``llama_decode``.
         prefill_chunk: most prompt tokens per step while other sequences generate (the cost model
             usually allows fewer on CPUs).
-        prefix_cache: keep finished sequences' KV and reuse shared prefixes across requests.
+        prefix_cache: keep finished sequences' KV (in host memory) and reuse shared prefixes
+            across requests.
         cache_entries: most finished sequences kept for reuse.
+        cache_bytes: most host memory those hold.
     """
 
     def __init__(self, runner, *, parallel: int, max_queue: int, n_ctx: int, n_batch: int,
-                 prefill_chunk: int, prefix_cache: bool = True, cache_entries: int = 8,
-                 name: str = "engine"):
+                 prefill_chunk: int, prefix_cache: bool = True, cache_entries: int = 16,
+                 cache_bytes: int = 1 << 30, name: str = "engine"):
         from cllama_deploy.engine.llama_api import Batch
 
         self.runner = runner
@@ -123,8 +130,8 @@ class BatchScheduler:
         self.kv_cells_total = parallel * n_ctx
         self._batch = Batch(n_batch)
         self._tree = KVTree()
-        self._cache = PrefixCache(cache_entries if prefix_cache else 0)
-        self._free_ids = list(range(self.ctx.n_seq_max - 1, -1, -1))
+        self._cache = PrefixCache(cache_entries if prefix_cache else 0, cache_bytes)
+        self._free_ids = list(range(self.ctx.n_seq_max))  # a heap: the lowest free id goes first
         self._cond = threading.Condition()
         self._waiting: deque[Union[Group, EmbedJob]] = deque()
         self._admitted: list[Sequence] = []
@@ -263,7 +270,7 @@ class BatchScheduler:
                 "prompt_tokens_computed": self.prompt_tokens_computed,
                 "completion_tokens": self.completion_tokens, "steps": self.steps,
                 "kv_cells_used": self._tree.used_cells, "kv_cells_total": self.kv_cells_total,
-                "prefix_cache_entries": len(self._cache),
+                "prefix_cache_entries": len(self._cache), "prefix_cache_bytes": self._cache.nbytes,
                 "step_sequences": self.step_sequences.snapshot(),
                 "step_tokens": self.step_tokens.snapshot(),
                 "decode_seconds": self.decode_seconds, "step_seconds": self.step_seconds,
@@ -341,11 +348,10 @@ class BatchScheduler:
         except Exception as exc:
             self._fail(seq, EngineError(f"could not build the sampler: {exc}"))
             return
-        seq.seq_id = self._take_id()
+        seq.seq_id = heapq.heappop(self._free_ids)  # one id per slot: never empty while one is free
         self._running.append(seq)
         if seq.scores_prompt:  # every prompt position's logits are needed: compute it all
             seq.state = State.PREFILL
-            self._make_room()
             return
         if seq.limit <= 0:
             seq._finish("length")
@@ -360,13 +366,13 @@ class BatchScheduler:
                  and o.prompt == seq.prompt and o.state is State.DECODE), None)
             self._reuse_prefix(seq, only=sibling)  # a sibling choice's prompt KV even without the cache
             seq.state = State.PREFILL
-        self._make_room()
 
     def _leader_for(self, seq: Sequence) -> Optional[Sequence]:
         """A prefilling sequence that will compute (part of) this prompt: choices of the same request
         always share; with the prefix cache, other prompts sharing enough of a prefix wait too."""
         best, best_len = None, 0
-        resident = self._tree.match(seq.prompt[:-1])[1] if self.prefix_cache_enabled else 0
+        resident = max(self._tree.match(seq.prompt[:-1])[1], self._cache.match(seq.prompt[:-1])[1]) \
+            if self.prefix_cache_enabled else 0
         for other in self._running:
             if other is seq or other.state is not State.PREFILL:
                 continue
@@ -382,44 +388,40 @@ class BatchScheduler:
         return best
 
     def _reuse_prefix(self, seq: Sequence, *, only: Optional[Sequence] = None) -> None:
-        """Share the longest prefix of the prompt already in the KV (leave ≥ 1 token to compute)."""
+        """Reuse the longest prefix of the prompt that a running sequence (``only``: that one) or the
+        prefix cache holds; leave ≥ 1 token to compute."""
         if only is None and not self.prefix_cache_enabled:
             return
         among = {only.seq_id} if only is not None else None
-        src, n = self._tree.match(seq.prompt[:seq.n_prompt - 1], among)
+        head = seq.prompt[:seq.n_prompt - 1]
+        src, n = self._tree.match(head, among)
+        entry, m = self._cache.match(head) if only is None else (None, 0)
+        if entry is not None and m > n:
+            if self.ctx.seq_restore(entry.data, seq.seq_id):
+                self.ctx.seq_rm(seq.seq_id, m, -1)
+                self._tree.extend(seq.seq_id, entry.tokens[:m].tolist())
+                seq.n_past = seq.cached_tokens = m
+                self._count_cached(m)
+                return
+            log.warning("could not restore a cached prefix of %d tokens; computing it", m)
         if src is None or n <= 0:
             return
-        self.ctx.seq_cp(src, seq.seq_id, 0, n)
-        self._tree.fork(seq.seq_id, src, n)
-        self._cache.touch(src)
+        self._copy_prefix(src, seq.seq_id, n)
         seq.n_past = seq.cached_tokens = n
         self._count_cached(n)
+
+    def _copy_prefix(self, src: int, dst: int, n: int) -> None:
+        """``dst`` gets ``src``'s first ``n`` cells: shared in a unified cache, copied between
+        per-sequence streams (then they are ``dst``'s own cells)."""
+        self.ctx.seq_copy_prefix(src, dst, n)
+        if self.ctx.unified:
+            self._tree.fork(dst, src, n)
+        else:
+            self._tree.extend(dst, self._tree.tokens(src)[:n])
 
     def _count_cached(self, n: int) -> None:
         with self._cond:
             self.prompt_tokens_cached += n
-
-    def _take_id(self) -> int:
-        if not self._free_ids:
-            self._evict_one()
-        return self._free_ids.pop()
-
-    def _evict_one(self) -> bool:
-        victim = self._cache.oldest()
-        if victim is None:
-            return False
-        self._cache.discard(victim)
-        self.ctx.seq_rm(victim)
-        self._tree.remove(victim)
-        self._free_ids.append(victim)
-        return True
-
-    def _make_room(self) -> None:
-        """Evict cached sequences until every running sequence's reservation fits."""
-        need = sum(s.max_len - s.n_past for s in self._running)
-        while self._tree.used_cells + need > self.kv_cells_total:
-            if not self._evict_one():
-                break  # cannot happen: reservations sum to at most parallel * n_ctx
 
     # -- one step -------------------------------------------------------------------------------
     def _step(self) -> None:
@@ -434,26 +436,33 @@ class BatchScheduler:
                 self._maybe_unfollow(seq)
         batch = self._batch
         batch.clear()
-        rows: list[tuple[Sequence, int, Optional[int]]] = []  # (seq, tokens added, logits index)
         decoding = [s for s in self._running if s.state is State.DECODE and s.pending is not None]
-        for seq in decoding:
-            idx = batch.add_run(seq.seq_id, (seq.pending,), seq.n_past, logits_last=True)
-            rows.append((seq, 1, idx))
-        budget = batch.room if not decoding else min(batch.room, self._prefill_budget())
-        scored: list[tuple[Sequence, int, int, int]] = []  # (seq, first batch index, position, tokens)
+        # prompt tokens per prefilling sequence, given out in arrival order
+        budget = (self.n_batch - len(decoding)) if not decoding else \
+            min(self.n_batch - len(decoding), self._prefill_budget())
+        chunks: dict[int, int] = {}
         for seq in self._running:
             if budget <= 0:
                 break
-            if seq.state is not State.PREFILL:
-                continue
-            k = min(seq.prompt_left, budget)
-            last = k == seq.prompt_left
-            idx = batch.add_run(seq.seq_id, seq.prompt[seq.n_past:seq.n_past + k], seq.n_past,
-                                logits_last=last, logits_all=seq.scores_prompt)
-            rows.append((seq, k, idx if last else None))
-            if seq.scores_prompt:
-                scored.append((seq, idx - k + 1, seq.n_past, k))
-            budget -= k
+            if seq.state is State.PREFILL:
+                chunks[id(seq)] = k = min(seq.prompt_left, budget)
+                budget -= k
+        rows: list[tuple[Sequence, int, Optional[int]]] = []  # (seq, tokens added, logits index)
+        scored: list[tuple[Sequence, int, int, int]] = []  # (seq, first batch index, position, tokens)
+        # the batch in seq-id order: llama.cpp decodes consecutive ids of per-sequence streams in one
+        # micro-batch (see llama_api)
+        for seq in sorted(self._running, key=lambda s: s.seq_id):
+            if seq.state is State.DECODE and seq.pending is not None:
+                idx = batch.add_run(seq.seq_id, (seq.pending,), seq.n_past, logits_last=True)
+                rows.append((seq, 1, idx))
+            elif id(seq) in chunks:
+                k = chunks[id(seq)]
+                last = k == seq.prompt_left
+                idx = batch.add_run(seq.seq_id, seq.prompt[seq.n_past:seq.n_past + k], seq.n_past,
+                                    logits_last=last, logits_all=seq.scores_prompt)
+                rows.append((seq, k, idx if last else None))
+                if seq.scores_prompt:
+                    scored.append((seq, idx - k + 1, seq.n_past, k))
         if not rows:
             return
         n_prefill = batch.n - len(decoding)
@@ -534,8 +543,7 @@ class BatchScheduler:
         model = self.runner.model
         for f in list(self._running):
             if f.state is State.FOLLOWING and f.leader is leader and f.follow_len >= f.n_prompt:
-                self.ctx.seq_cp(leader.seq_id, f.seq_id, 0, leader.n_prompt)
-                self._tree.fork(f.seq_id, leader.seq_id, leader.n_prompt)
+                self._copy_prefix(leader.seq_id, f.seq_id, leader.n_prompt)
                 f.n_past = f.cached_tokens = f.n_prompt
                 self._count_cached(f.n_prompt)
                 f.state, f.leader = State.DECODE, None
@@ -570,14 +578,11 @@ class BatchScheduler:
             seq.sampler.close()
             seq.sampler = None
         if seq.seq_id >= 0:
-            if keep and self.prefix_cache_enabled and seq.seq_id in self._tree:
-                self._cache.add(seq.seq_id)
-                while len(self._cache) > self._cache.capacity and self._evict_one():
-                    pass
-            else:
-                self.ctx.seq_rm(seq.seq_id)
-                self._tree.remove(seq.seq_id)
-                self._free_ids.append(seq.seq_id)
+            if keep and self.prefix_cache_enabled and self._tree.length(seq.seq_id) > 0:
+                self._cache.add(self._tree.tokens(seq.seq_id), self.ctx.seq_save(seq.seq_id))
+            self.ctx.seq_rm(seq.seq_id)
+            self._tree.remove(seq.seq_id)
+            heapq.heappush(self._free_ids, seq.seq_id)
         seq.state = State.DONE
         with self._cond:
             self._slots_taken -= 1

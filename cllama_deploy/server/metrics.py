@@ -19,10 +19,11 @@ class _EngineCollector:
         ("running", "cllama_requests_running", "Sequences generating now (slots in use)"),
         ("slots_used", "cllama_slots_used", "Slots in use (sequences being decoded)"),
         ("slots_total", "cllama_slots_total", "Slots (--parallel)"),
-        ("kv_cells_used", "cllama_kv_cells_used", "KV cache cells holding tokens (shared cells once)"),
+        ("kv_cells_used", "cllama_kv_cells_used", "KV cache cells holding tokens of running sequences"),
         ("kv_cells_total", "cllama_kv_cells_total", "KV cache cells (--parallel x --n-ctx)"),
         ("prefix_cache_entries", "cllama_prefix_cache_entries",
-         "Finished sequences kept in the KV cache for prefix reuse"),
+         "Finished sequences whose KV is kept in host memory for prefix reuse"),
+        ("prefix_cache_bytes", "cllama_prefix_cache_bytes", "Host memory those hold"),
     )
     COUNTERS = (
         ("cancelled", "cllama_generations_cancelled",

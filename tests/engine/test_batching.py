@@ -239,7 +239,7 @@ def test_a_long_prompt_joins_in_chunks_that_keep_running_streams_moving(engine_g
 
 def test_flash_attention_setting_reaches_llama_cpp_and_leaves_outputs_alone(engine_gguf, caplog):
     """``flash_attn`` on and off are what llama.cpp reports for the context, and concurrent greedy
-    requests in the shared (unified) KV cache get the same tokens either way (f32 KV: only the
+    requests get the same tokens either way (f32 KV: only the
     attention arithmetic differs; a token may flip only at a near-tie)."""
     import logging
 
@@ -256,6 +256,9 @@ def test_flash_attention_setting_reaches_llama_cpp_and_leaves_outputs_alone(engi
         try:
             said = [r.getMessage() for r in caplog.records if "flash_attn" in r.getMessage()]
             assert any(("disabled" if setting == "off" else "enabled") in m for m in said), said
+            # one KV stream per slot (see llama_api): each sequence attends over its own cells only
+            assert any("kv_unified" in m and "false" in m for m in
+                       (r.getMessage() for r in caplog.records)), said
             streams = [eng.generate(GenerationRequest(p, s)) for p, s in reqs]
             got[setting] = [o.tokens for o in consume_in_threads([(s, None) for s in streams])]
             if setting == "on":

@@ -87,11 +87,23 @@ def test_fork_shares_cells_and_remove_frees_only_unshared_ones():
     assert tree.used_cells == 8
 
 
-def test_prefix_cache_is_lru():
-    cache = PrefixCache(2)
-    cache.add(5)
-    cache.add(6)
-    cache.touch(5)
-    assert cache.oldest() == 6
-    cache.discard(6)
-    assert cache.oldest() == 5 and len(cache) == 1
+def test_prefix_cache_is_lru_bounded_and_drops_prefixes():
+    cache = PrefixCache(2, max_bytes=10_000)
+    cache.add([1, 2, 3], b"a" * 100)
+    cache.add([5, 6], b"b" * 100)
+    entry, n = cache.match([1, 2, 9])  # a hit is a use: [5, 6] is now the oldest
+    assert n == 2 and entry.tokens.tolist() == [1, 2, 3] and entry.data == b"a" * 100
+    cache.add([7], b"c" * 100)  # over 2 entries: the least recently used goes
+    assert len(cache) == 2 and cache.match([5, 6])[1] == 0 and cache.match([7, 1])[1] == 1
+    # a sequence that extends a cached one replaces it (the next chat turn)
+    cache.add([1, 2, 3, 4], b"d" * 100)
+    assert len(cache) == 2 and cache.match([1, 2, 3, 4, 5])[0].data == b"d" * 100
+    assert cache.nbytes == 200 + 4 * (1 + 4)
+    # the byte bound evicts the oldest; an entry larger than the whole budget is not kept
+    cache.add([8, 8], b"e" * 9_800)  # 220 + 9808 bytes > 10000: [7] (the oldest, 104) goes
+    assert len(cache) == 2 and cache.match([7])[1] == 0 and cache.nbytes == 116 + 9_808
+    cache.add([9], b"f" * 20_000)
+    assert len(cache) == 2 and cache.match([9])[1] == 0
+    assert cache.match([4, 4]) == (None, 0)
+    cache.clear()
+    assert len(cache) == 0 and cache.nbytes == 0

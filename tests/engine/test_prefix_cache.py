@@ -42,6 +42,9 @@ def test_later_chat_turns_reuse_the_history_and_match_a_cold_run(engine_gguf):
         assert ws["prompt_tokens_computed"] + ws["prompt_tokens_cached"] == sum(n for n, _ in w)
         assert cs["prompt_tokens_computed"] == sum(n for n, _ in c)
         assert cs["prefix_cache_entries"] == 0 and cs["kv_cells_used"] == 0
+        # finished turns leave the KV (each step attends over every occupied cell): their cells
+        # wait in host memory
+        assert ws["kv_cells_used"] == 0 and ws["prefix_cache_entries"] >= 1 and ws["prefix_cache_bytes"] > 0
     finally:
         warm.close(10)
         cold.close(10)
@@ -73,26 +76,33 @@ def test_a_shared_system_prompt_is_computed_once_across_slots(engine_gguf):
         eng.close(10)
 
 
-def test_the_cache_is_bounded_and_evicts_the_least_recently_used(engine_gguf):
-    eng = bs.load_engine(engine_gguf, n_ctx=128, parallel=1)  # 128 cells, up to 8 cached sequences
+def test_the_cache_is_bounded_and_evicts_the_least_recently_used(engine_gguf, monkeypatch):
+    from cllama_deploy.engine import llamacpp
+
+    monkeypatch.setattr(llamacpp, "PREFIX_CACHE_ENTRIES", 6)
+    # host memory for at most as many cells as the KV holds: 128 here
+    eng = bs.load_engine(engine_gguf, n_ctx=128, parallel=1)
     try:
         rng = random.Random(3)
         params = SamplingParams(max_tokens=4, **GREEDY)
+        kv_bytes = 128 * eng.model.kv_bytes_per_token("f16")
 
         def run(p):
             return consume(eng.generate(GenerationRequest(p, params)))
 
         prompts = [random_prompt(rng, 50) for _ in range(3)]
         run(prompts[0])
-        run(prompts[1])  # 53 + 53 cells fit in 128 beside each other: both stay cached
-        assert run(prompts[0]).cached == 49 and eng.stats()["prefix_cache_entries"] >= 2
-        # a third needs its 54 cells: the least recently used (prompts[1]) goes, prompts[0] stays
+        run(prompts[1])  # 53 + 53 cells' worth fit in 128: both stay cached
+        assert run(prompts[0]).cached == 49 and eng.stats()["prefix_cache_entries"] == 2
+        # a third's 53 cells do not fit beside them: the least recently used (prompts[1]) goes
         run(prompts[2])
         assert run(prompts[0]).cached == 49
-        assert run(prompts[1]).cached <= 1  # only the BOS cell (shared by every prompt) was left
-        assert eng.stats()["kv_cells_used"] <= 128
-        for _ in range(12):  # many short prompts: never more than the entries bound
+        assert run(prompts[1]).cached <= 1  # only BOS (every prompt's first token) matches another
+        assert bs.wait_until(lambda: eng.stats()["slots_used"] == 0)
+        assert eng.stats()["kv_cells_used"] == 0
+        for _ in range(12):  # many short prompts: never more than the entries and bytes bounds
             run(random_prompt(rng, 5))
-            assert eng.stats()["prefix_cache_entries"] <= 8
+            st = eng.stats()
+            assert st["prefix_cache_entries"] <= 6 and 0 < st["prefix_cache_bytes"] <= kv_bytes
     finally:
         eng.close(10)
