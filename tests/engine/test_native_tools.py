@@ -1,0 +1,293 @@
+"""Native tool templates (engine/tools.py ``native_format``): a chat template that renders tools itself
+and shows the Hermes/Qwen ``<tool_call>`` syntax gets the tools and the HF-form history, no tool
+prompt, and a grammar for its own call syntax.
+
+The engine runs the tests' tiny random GGUF (tests/conftest.py) converted with :data:`HERMES_TEMPLATE`
+as its ``tokenizer.chat_template``. The model is random: what is checked is what holds whatever it
+writes (a forced call parses and validates against the tool's schema, ``auto`` text never starts with
+the marker), and what the template renders. As in tests/server/test_tools_http.py, requests bias the
+tokens that close JSON strings and objects so that a random model ends its arguments.
+"""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from cllama_deploy import prompts
+from cllama_deploy.engine import requests as rl
+from cllama_deploy.engine import tools
+from cllama_deploy.engine.base import InvalidRequest
+from tests.server import builders_server as bs
+from tests.server.test_tools_http import ADD, WEATHER, schema_errors
+
+# A small Hermes-style tool template (ChatML turns, tools listed in a <tools> block, calls as
+# <tool_call> JSON blocks, results as <tool_response> blocks), written for these tests.
+HERMES_TEMPLATE = (
+    "{%- if tools %}"
+    "{{- '<|im_start|>system\\n' }}"
+    "{%- if messages[0].role == 'system' %}{{- messages[0].content + '\\n\\n' }}{%- endif %}"
+    "{{- '# Tools\\nFunction signatures within <tools></tools>:\\n<tools>' }}"
+    "{%- for tool in tools %}{{- '\\n' + (tool | tojson) }}{%- endfor %}"
+    "{{- '\\n</tools>\\nTo call a function, answer with <tool_call>\\n"
+    "{\"name\": <function-name>, \"arguments\": <args-json-object>}\\n</tool_call><|im_end|>\\n' }}"
+    "{%- elif messages[0].role == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'user' or (m.role == 'assistant' and not m.tool_calls) %}"
+    "{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}"
+    "{%- elif m.role == 'assistant' %}"
+    "{{- '<|im_start|>assistant' }}{%- if m.content %}{{- '\\n' + m.content }}{%- endif %}"
+    "{%- for c in m.tool_calls %}"
+    "{{- '\\n<tool_call>\\n{\"name\": \"' + c.function.name + '\", \"arguments\": '"
+    " + (c.function.arguments | tojson) + '}\\n</tool_call>' }}"
+    "{%- endfor %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- elif m.role == 'tool' %}"
+    "{{- '<|im_start|>user\\n<tool_response>\\n' + m.content + '\\n</tool_response><|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+# Llama-3.1's syntax, reduced to what detection looks at (a bare {"name", "parameters"} object)
+LLAMA3_TEMPLATE = (
+    "{%- if tools is not none and tools %}{{- 'Respond with {\"name\": function name, "
+    "\"parameters\": dictionary of argument name and its value}.' }}"
+    "{%- for t in tools %}{{- t | tojson }}{%- endfor %}{%- endif %}"
+    "{%- for m in messages %}{{- m.content + '<|eom_id|>' }}{%- endfor %}"
+)
+
+TOOLS = [WEATHER, ADD]
+MAX_TOKENS = 200
+PROMPTS = ["北京今天天气怎么样？", "What is 2 + 40?", "hello"]
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory, engine_sp_model):
+    root = tmp_path_factory.mktemp("native_gguf")
+    path = root / "hermes.jinja"
+    path.write_text(HERMES_TEMPLATE, encoding="utf-8")
+    gguf = bs.tiny_gguf(root, engine_sp_model, chat_template=str(path), max_position_embeddings=1024)
+    eng = bs.load_engine(gguf, model_id="tiny-native", n_ctx=2048)
+    yield eng
+    eng.close(5)
+
+
+@pytest.fixture(scope="module")
+def closer_bias(engine) -> dict[str, float]:
+    return {str(i): 12 for i in range(engine.n_vocab)
+            if any(ch in engine.token_piece(i) for ch in (b'"', b"]", b"}"))}
+
+
+def prompt_text(engine, body: dict) -> str:
+    return engine.detokenize(rl.prepare_chat(engine, body).requests[0].prompt_tokens)
+
+
+def named(name: str) -> dict:
+    return {"type": "function", "function": {"name": name}}
+
+
+# -- detection and parsing (no model) --------------------------------------------------------------
+
+
+def test_native_format_detects_hermes_and_llama3_templates_only():
+    assert tools.native_format(HERMES_TEMPLATE) is tools.HERMES
+    assert tools.native_format(LLAMA3_TEMPLATE) is tools.LLAMA3
+    for fmt in prompts.FORMATS.values():  # our Alpaca templates know no tools
+        assert tools.native_format(fmt.chat_template) is None
+    assert tools.native_format(None) is None and tools.native_format("") is None
+    # the call syntax without reading tools, tools without a known syntax, tools set by the template
+    assert tools.native_format("{{ messages[0].content }}{# tools #}<tool_call></tool_call>") is None
+    assert tools.native_format("{% for t in tools %}{{ t | tojson }}{% endfor %}") is None
+    assert tools.native_format("{% set tools = [] %}{{ tools }}<tool_call></tool_call>") is None
+    assert tools.native_format("{% if tools %}<tool_call></tool_call>{% endif") is None  # no parse
+
+
+def _plan(choice="auto", parallel=True, native=tools.HERMES) -> tools.ToolPlan:
+    ts = [tools.Tool("get_weather", "", WEATHER["function"]["parameters"]),
+          tools.Tool("add", "", ADD["function"]["parameters"])]
+    return tools.ToolPlan(ts, choice, parallel=parallel, names=[t.name for t in ts], native=native)
+
+
+def test_parse_strips_the_markers_and_refuses_anything_else():
+    p = _plan()
+    one = '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>'
+    (call,) = tools.parse(one, p)
+    assert call["type"] == "function" and call["id"].startswith("call_")
+    assert call["function"] == {"name": "add", "arguments": '{"a": 1, "b": 2}'}
+    two = one + '\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "北京"}}\n</tool_call>'
+    calls = tools.parse(two, p)
+    assert [c["function"]["name"] for c in calls] == ["add", "get_weather"]
+    assert json.loads(calls[1]["function"]["arguments"]) == {"city": "北京"}
+    for text in ("hello", one[:-3], one + " and more", '<tool_call>\n{"name": "nope", '
+                 '"arguments": {}}\n</tool_call>', one.replace('"arguments"', '"parameters"'),
+                 '{"name": "add", "arguments": {"a": 1, "b": 2}}'):
+        assert tools.parse(text, p) is None, text
+    assert tools.parse(one, _plan("none")) is None
+    llama = _plan(native=tools.LLAMA3)
+    (call,) = tools.parse('{"name": "add", "parameters": {"a": 1, "b": 2}}', llama)
+    assert json.loads(call["function"]["arguments"]) == {"a": 1, "b": 2}
+    assert tools.parse('{"name": "add", "arguments": {"a": 1, "b": 2}}', llama) is None
+
+
+def test_stream_splitter_waits_while_the_text_could_be_the_marker():
+    s = tools.StreamSplitter(_plan())
+    assert s.feed("  <to") == "" and s.feed("ol_call>\n") == ""
+    assert s.feed('{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>') == ""
+    calls, rest = s.finish()
+    assert rest == "" and calls[0]["function"]["name"] == "add"
+
+    s = tools.StreamSplitter(_plan())
+    assert s.feed("<t") == "" and s.feed("able>") == "<table>"  # not the marker: text, all of it
+    assert s.feed(" x") == " x" and s.finish() == (None, "")
+
+    s = tools.StreamSplitter(_plan())  # cut short inside the marker: what was held is the text
+    assert s.feed("<tool") == "" and s.finish() == (None, "<tool")
+
+
+def test_history_is_written_in_hf_form():
+    body = SimpleNamespace(messages=[
+        SimpleNamespace(role="user", tool_calls=None),
+        SimpleNamespace(role="assistant", tool_calls=[{"id": "call_1", "type": "function", "function": {
+            "name": "add", "arguments": '{"a": 1, "b": 2}'}}]),
+        SimpleNamespace(role="tool", tool_calls=None, tool_call_id="call_1", name=None)])
+    rendered = [{"role": "user", "content": "1+2?"}, {"role": "assistant", "content": ""},
+                {"role": "tool", "content": "3"}]
+    out = tools.native_messages(rendered, body)
+    assert out[0] == rendered[0]
+    assert out[1] == {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": {"a": 1, "b": 2}}}]}
+    assert out[2] == {"role": "tool", "content": "3", "tool_call_id": "call_1", "name": "add"}
+
+
+# -- with the engine ------------------------------------------------------------------------------
+
+
+def test_the_gguf_template_renders_the_tools_and_no_tool_prompt(engine):
+    assert engine.info.chat_template == HERMES_TEMPLATE and engine.info.chat_template_source == "gguf"
+    msgs = [{"role": "user", "content": PROMPTS[0]}]
+    text = prompt_text(engine, {"messages": msgs, "tools": TOOLS})
+    assert "<tools>" in text and "<tool_call>" in text
+    for t in TOOLS:
+        assert json.dumps(t, ensure_ascii=False) in text
+    assert "You can call these tools" not in text and "[tool result]" not in text
+    only = prompt_text(engine, {"messages": msgs, "tools": TOOLS, "tool_choice": named("add")})
+    assert json.dumps(ADD, ensure_ascii=False) in only and '"get_weather"' not in only
+    # tool_choice none: the template gets no tools, the request no grammar
+    prep = rl.prepare_chat(engine, {"messages": msgs, "tools": TOOLS, "tool_choice": "none"})
+    text = engine.detokenize(prep.requests[0].prompt_tokens)
+    assert "<tools>" not in text and text.endswith("<|im_start|>assistant\n")
+    assert prep.requests[0].params.grammar is None
+    # no tools at all: as before
+    assert prompt_text(engine, {"messages": msgs}) == text
+
+
+def test_the_native_grammars_are_valid_llama_cpp_grammars(engine):
+    seen = set()
+    for choice in (None, "required", named("get_weather")):
+        for parallel in (True, False):
+            body = {"messages": [{"role": "user", "content": "x"}], "tools": TOOLS,
+                    "parallel_tool_calls": parallel}
+            if choice is not None:
+                body["tool_choice"] = choice
+            g = rl.prepare_chat(engine, body).requests[0].params.grammar
+            assert "<tool_call>" in g and "You can call" not in g
+            assert engine.model.grammar_is_valid(g), g
+            seen.add(g)
+    assert len(seen) == 6
+
+
+@pytest.mark.parametrize("choice", ["required", "get_weather", "add"])
+def test_a_forced_call_parses_and_validates_whatever_the_model(engine, closer_bias, choice):
+    by_name = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    tool_choice = choice if choice == "required" else named(choice)
+    for i, prompt in enumerate(PROMPTS):
+        sampling = {"temperature": 0} if i % 2 == 0 else {"temperature": 1.0, "seed": 40 + i}
+        r = rl.chat(engine, [{"role": "user", "content": prompt}], tools=TOOLS, tool_choice=tool_choice,
+                    parallel_tool_calls=False, max_tokens=MAX_TOKENS, logit_bias=closer_bias, **sampling)
+        c = r.choices[0]
+        assert c.finish_reason == "tool_calls" and c.message.content is None, c.message.content
+        (call,) = c.message.tool_calls
+        assert choice == "required" or call.function.name == choice
+        assert schema_errors(json.loads(call.function.arguments), by_name[call.function.name]) == []
+
+
+def test_parallel_calls_are_several_blocks(engine, closer_bias):
+    """(parallel_tool_calls unset) however many blocks the model writes, each is a valid call. EOS
+    is raised too (the grammar allows it only after a whole block), or the random model goes on
+    writing blocks until max_tokens."""
+    by_name = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    bias = {**closer_bias, str(engine.eos_id): 8}
+    counts = []
+    for seed in range(4):
+        r = rl.chat(engine, [{"role": "user", "content": PROMPTS[seed % 3]}], tools=TOOLS,
+                    tool_choice="required", max_tokens=400, logit_bias=bias,
+                    temperature=1.0, seed=seed)
+        calls = r.choices[0].message.tool_calls
+        assert r.choices[0].finish_reason == "tool_calls" and calls, r.choices[0].message.content
+        for call in calls:
+            assert schema_errors(json.loads(call.function.arguments), by_name[call.function.name]) == []
+        assert len({c.id for c in calls}) == len(calls)
+        counts.append(len(calls))
+    assert max(counts) > 1, counts  # (these seeds do write several blocks)
+
+
+def test_auto_text_never_starts_with_the_marker(engine, closer_bias):
+    """Tokens starting with ``<`` are pushed up: the answer is still either calls that validate or
+    text that does not begin with ``<tool_call>`` (the grammar leaves no third way)."""
+    lt = {str(i): 8 for i in range(engine.n_vocab) if engine.token_piece(i).lstrip().startswith(b"<")}
+    for seed in range(4):
+        r = rl.chat(engine, [{"role": "user", "content": PROMPTS[seed % 3]}], tools=TOOLS,
+                    max_tokens=40, logit_bias={**closer_bias, **lt}, temperature=1.0, seed=seed)
+        c = r.choices[0]
+        if c.finish_reason == "tool_calls":
+            for call in c.message.tool_calls:
+                schema = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+                assert schema_errors(json.loads(call.function.arguments),
+                                     schema[call.function.name]) == []
+        else:
+            assert not c.message.content.lstrip().startswith("<tool_call>"), c.message.content
+
+
+def test_history_round_trip_renders_calls_and_results_through_the_template(engine):
+    history = [
+        {"role": "user", "content": PROMPTS[0]},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_a", "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city": "北京"}'}},
+            {"id": "call_b", "type": "function",
+             "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}}]},
+        {"role": "tool", "tool_call_id": "call_a", "content": "晴, 25°C"},
+        {"role": "tool", "tool_call_id": "call_b", "content": "3"}]
+    for choice in ("auto", "none"):
+        text = prompt_text(engine, {"messages": history, "tools": TOOLS, "tool_choice": choice})
+        assert ('<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": '
+                '{"city": "北京"}}\n</tool_call>\n<tool_call>\n{"name": "add", "arguments": '
+                '{"a": 1, "b": 2}}\n</tool_call><|im_end|>') in text
+        assert "<tool_response>\n晴, 25°C\n</tool_response>" in text
+        assert "<tool_response>\n3\n</tool_response>" in text
+        assert "[tool result]" not in text
+    with pytest.raises(InvalidRequest) as err:
+        rl.prepare_chat(engine, {"messages": [history[0], {**history[1], "tool_calls": [
+            {"id": "x", "type": "function", "function": {"name": "add", "arguments": "{oops"}}]}]})
+    assert err.value.param == "messages"
+
+
+def test_streamed_native_call_is_openai_style_deltas(engine, closer_bias):
+    kw = dict(tools=TOOLS, tool_choice=named("get_weather"), parallel_tool_calls=False,
+              max_tokens=MAX_TOKENS, logit_bias=closer_bias, temperature=0)
+    msgs = [{"role": "user", "content": PROMPTS[0]}]
+    full = rl.chat(engine, msgs, **kw).choices[0].message.tool_calls[0]
+    deltas, finish, content = [], None, ""
+    for chunk in rl.stream_chat(engine, msgs, **kw):
+        for c in chunk.choices:
+            deltas += c.delta.tool_calls or []
+            content += c.delta.content or ""
+            finish = c.finish_reason or finish
+    assert finish == "tool_calls" and content == ""
+    assert deltas and deltas[0].id.startswith("call_") and deltas[0].function.name == "get_weather"
+    assert "".join(d.function.arguments or "" for d in deltas) == full.function.arguments
