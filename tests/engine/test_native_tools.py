@@ -186,6 +186,69 @@ def test_the_gguf_template_renders_the_tools_and_no_tool_prompt(engine):
     assert prompt_text(engine, {"messages": msgs}) == text
 
 
+def grammar_accepts(engine, grammar: str, text: str) -> bool:
+    """Whether llama.cpp's grammar sampler lets the model write exactly ``text`` (then EOS): at each
+    token it must leave that token's logit finite. (Applying the sampler only masks; accepting a
+    masked token would abort, so a rejected token is never accepted.)"""
+    import ctypes
+
+    import llama_cpp as lc
+
+    model = engine.model
+    tokens = engine.tokenize(text, add_bos=False, special=False)
+    if tokens and engine.token_piece(tokens[0]) == b" " and not text.startswith(" "):
+        tokens = tokens[1:]  # SentencePiece's dummy-prefix space
+    g = lc.llama_sampler_init_grammar(model.vocab, grammar.encode("utf-8"), b"root")
+    assert g, "invalid grammar"
+    data = (lc.llama_token_data * model.n_vocab)()
+    try:
+        for t in tokens + [model.eos_id]:
+            for i in range(model.n_vocab):
+                data[i].id, data[i].logit, data[i].p = i, 0.0, 0.0
+            arr = lc.llama_token_data_array(data=data, size=model.n_vocab, selected=-1, sorted=False)
+            lc.llama_sampler_apply(g, ctypes.byref(arr))
+            if data[t].logit == float("-inf"):
+                return False
+            if t != model.eos_id:
+                lc.llama_sampler_accept(g, t)
+        return True
+    finally:
+        lc.llama_sampler_free(g)
+
+
+def _grammar(engine, **body) -> str:
+    body = {"messages": [{"role": "user", "content": "x"}], "tools": TOOLS, **body}
+    return rl.prepare_chat(engine, body).requests[0].params.grammar
+
+
+ADD_CALL = '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2.5}}\n</tool_call>'
+WEATHER_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+
+
+def test_the_auto_grammar_allows_text_or_calls_and_no_text_that_starts_like_a_call(engine):
+    g = _grammar(engine)
+    for ok in ("hello", "<b>hi</b>", "<tool", "<toolbox>", "  hi <tool_call>", ADD_CALL,
+               ADD_CALL + "\n" + WEATHER_CALL):
+        assert grammar_accepts(engine, g, ok), ok
+    for bad in ("<tool_call>hello", "  <tool_call>\nhi", ADD_CALL + " and text",
+                ADD_CALL.replace('"b": 2.5', '"b": "x"'), ADD_CALL.replace('"a": 1, ', ""),
+                ADD_CALL.replace("add", "sub"), ADD_CALL.replace("arguments", "parameters"),
+                ADD_CALL.replace("\n</tool_call>", ""), ""):
+        assert not grammar_accepts(engine, g, bad), bad
+
+
+def test_forced_grammars_allow_only_calls_of_the_offered_tools(engine):
+    required = _grammar(engine, tool_choice="required")
+    assert grammar_accepts(engine, required, WEATHER_CALL + "\n" + ADD_CALL)
+    assert not grammar_accepts(engine, required, "hello")
+    single = _grammar(engine, tool_choice="required", parallel_tool_calls=False)
+    assert grammar_accepts(engine, single, ADD_CALL)
+    assert not grammar_accepts(engine, single, ADD_CALL + "\n" + ADD_CALL)
+    only_add = _grammar(engine, tool_choice=named("add"))
+    assert grammar_accepts(engine, only_add, ADD_CALL)
+    assert not grammar_accepts(engine, only_add, WEATHER_CALL)
+
+
 def test_the_native_grammars_are_valid_llama_cpp_grammars(engine):
     seen = set()
     for choice in (None, "required", named("get_weather")):
@@ -237,8 +300,8 @@ def test_parallel_calls_are_several_blocks(engine, closer_bias):
 
 
 def test_auto_text_never_starts_with_the_marker(engine, closer_bias):
-    """Tokens starting with ``<`` are pushed up: the answer is still either calls that validate or
-    text that does not begin with ``<tool_call>`` (the grammar leaves no third way)."""
+    """End to end with tokens starting with ``<`` pushed up: the answer is either calls that validate
+    or text that does not begin with ``<tool_call>``."""
     lt = {str(i): 8 for i in range(engine.n_vocab) if engine.token_piece(i).lstrip().startswith(b"<")}
     for seed in range(4):
         r = rl.chat(engine, [{"role": "user", "content": PROMPTS[seed % 3]}], tools=TOOLS,
