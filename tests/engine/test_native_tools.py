@@ -53,12 +53,25 @@ HERMES_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
-# Llama-3.1's syntax, reduced to what detection looks at (a bare {"name", "parameters"} object)
+# A small Llama-3.1-style template: tools in the system turn, a call as the bare object
+# {"name", "parameters"} ended by <|eom_id|>, results in an ipython turn
 LLAMA3_TEMPLATE = (
-    "{%- if tools is not none and tools %}{{- 'Respond with {\"name\": function name, "
-    "\"parameters\": dictionary of argument name and its value}.' }}"
-    "{%- for t in tools %}{{- t | tojson }}{%- endfor %}{%- endif %}"
-    "{%- for m in messages %}{{- m.content + '<|eom_id|>' }}{%- endfor %}"
+    "{{- bos_token }}"
+    "{%- if tools %}{{- '<|start_header_id|>system<|end_header_id|>\\n\\nRespond with {\"name\": "
+    "function name, \"parameters\": dictionary of argument name and its value}. Functions:\\n' }}"
+    "{%- for t in tools %}{{- (t | tojson) + '\\n' }}{%- endfor %}{{- '<|eot_id|>' }}{%- endif %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'assistant' and m.tool_calls %}"
+    "{%- if m.tool_calls | length != 1 %}{{- raise_exception('one tool call per message') }}{%- endif %}"
+    "{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n{\"name\": \"' + m.tool_calls[0].function.name"
+    " + '\", \"parameters\": ' + (m.tool_calls[0].function.arguments | tojson) + '}<|eom_id|>' }}"
+    "{%- elif m.role == 'tool' %}"
+    "{{- '<|start_header_id|>ipython<|end_header_id|>\\n\\n' + m.content + '<|eot_id|>' }}"
+    "{%- else %}"
+    "{{- '<|start_header_id|>' + m.role + '<|end_header_id|>\\n\\n' + m.content + '<|eot_id|>' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
 )
 
 TOOLS = [WEATHER, ADD]
@@ -354,3 +367,49 @@ def test_streamed_native_call_is_openai_style_deltas(engine, closer_bias):
     assert finish == "tool_calls" and content == ""
     assert deltas and deltas[0].id.startswith("call_") and deltas[0].function.name == "get_weather"
     assert "".join(d.function.arguments or "" for d in deltas) == full.function.arguments
+
+
+# -- Llama-3.1 style: a bare {"name", "parameters"} object, one call per answer ------------------
+
+
+@pytest.fixture(scope="module")
+def llama3(tmp_path_factory, engine_gguf):
+    path = tmp_path_factory.mktemp("llama3") / "llama3.jinja"
+    path.write_text(LLAMA3_TEMPLATE, encoding="utf-8")
+    eng = bs.load_engine(engine_gguf, model_id="tiny-llama3", n_ctx=2048, chat_template=str(path))
+    yield eng
+    eng.close(5)
+
+
+def test_llama3_template_gets_tools_history_and_its_grammar(llama3, closer_bias):
+    assert llama3.info.chat_template_source == "override"
+    history = [{"role": "user", "content": "1+2?"},
+               {"role": "assistant", "content": "", "tool_calls": [{"id": "call_1", "type": "function",
+                "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}}]},
+               {"role": "tool", "tool_call_id": "call_1", "content": "3"}]
+    text = prompt_text(llama3, {"messages": history, "tools": TOOLS})
+    assert json.dumps(ADD, ensure_ascii=False) in text and "You can call these tools" not in text
+    assert '{"name": "add", "parameters": {"a": 1, "b": 2}}<|eom_id|>' in text
+    assert "<|start_header_id|>ipython<|end_header_id|>\n\n3<|eot_id|>" in text
+
+    call = '{"name": "add", "parameters": {"a": 1, "b": 2}}'
+    g = _grammar(llama3)  # parallel_tool_calls unset: still one call (the format has no list)
+    for ok in ("hello", "[1]", call):
+        assert grammar_accepts(llama3, g, ok), ok
+    for bad in ("{hello", call.replace("parameters", "arguments"), call + "\n" + call, call + " ok"):
+        assert not grammar_accepts(llama3, g, bad), bad
+
+    r = rl.chat(llama3, [{"role": "user", "content": "1+2?"}], tools=TOOLS, tool_choice=named("add"),
+                max_tokens=MAX_TOKENS, logit_bias=closer_bias, temperature=0)
+    (c,) = r.choices[0].message.tool_calls
+    assert r.choices[0].finish_reason == "tool_calls" and c.function.name == "add"
+    assert schema_errors(json.loads(c.function.arguments), ADD["function"]["parameters"]) == []
+
+
+def test_a_template_raise_exception_is_a_400_naming_messages(llama3):
+    call = {"type": "function", "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}}
+    two = [{"role": "user", "content": "x"},
+           {"role": "assistant", "tool_calls": [{"id": "c1", **call}, {"id": "c2", **call}]}]
+    with pytest.raises(InvalidRequest, match="one tool call per message") as err:
+        rl.prepare_chat(llama3, {"messages": two, "tools": TOOLS})
+    assert err.value.param == "messages"
