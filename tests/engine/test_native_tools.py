@@ -413,3 +413,55 @@ def test_a_template_raise_exception_is_a_400_naming_messages(llama3):
     with pytest.raises(InvalidRequest, match="one tool call per message") as err:
         rl.prepare_chat(llama3, {"messages": two, "tools": TOOLS})
     assert err.value.param == "messages"
+
+
+# -- through the HTTP server: the openai client and LangChain's ChatOpenAI --------------------------
+
+
+def multiply(a: int, b: int) -> int:
+    """Multiply two integers."""
+    return a * b
+
+
+def test_server_round_trip_with_the_native_template(engine, closer_bias):
+    from langchain_core.messages import HumanMessage, ToolMessage
+    from langchain_core.tools import tool
+    from openai import OpenAI
+
+    from cllama_deploy.langchain import chat_openai
+    from cllama_deploy.server.settings import Settings
+
+    srv = bs.make_server(Settings(max_queue=4), engine)
+    try:
+        client = OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        r = client.chat.completions.create(
+            model="tiny-native", messages=[{"role": "user", "content": PROMPTS[1]}], tools=TOOLS,
+            tool_choice=named("add"), parallel_tool_calls=False, max_tokens=MAX_TOKENS,
+            logit_bias=closer_bias, temperature=0)
+        (call,) = r.choices[0].message.tool_calls
+        assert r.choices[0].finish_reason == "tool_calls" and call.function.name == "add"
+        assert schema_errors(json.loads(call.function.arguments), ADD["function"]["parameters"]) == []
+
+        mult = tool(multiply)
+        llm = chat_openai(srv.url, logit_bias={int(k): v for k, v in closer_bias.items()},
+                          max_retries=0, timeout=120, temperature=0, max_tokens=MAX_TOKENS)
+        history = [HumanMessage("6 times 7?")]
+        ai = llm.bind_tools([mult], tool_choice="multiply", parallel_tool_calls=False).invoke(history)
+        (lc_call,) = ai.tool_calls
+        assert lc_call["name"] == "multiply" and set(lc_call["args"]) == {"a", "b"}
+        result = mult.invoke(lc_call)
+        assert isinstance(result, ToolMessage)
+        final = llm.bind_tools([mult], tool_choice="none").invoke(history + [ai, result])
+        assert not final.tool_calls and isinstance(final.content, str)
+        # the server rendered the call and the result with the template: the prompt holds both
+        from cllama_deploy.langchain._convert import openai_messages
+
+        prompt = rl.prepare_chat(engine, {"messages": openai_messages(history + [ai, result]),
+                                          "tools": TOOLS, "tool_choice": "none"}).requests[0]
+        text = engine.detokenize(prompt.prompt_tokens)
+        args = json.dumps(lc_call["args"], ensure_ascii=False)
+        assert f'<tool_call>\n{{"name": "multiply", "arguments": {args}}}\n</tool_call>' in text
+        assert f"<tool_response>\n{result.content}\n</tool_response>" in text
+        assert final.usage_metadata["input_tokens"] == len(prompt.prompt_tokens)
+    finally:
+        srv.stop()
