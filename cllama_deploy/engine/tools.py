@@ -1,5 +1,5 @@
-"""Tool calling in the request layer: OpenAI ``tools`` / ``tool_choice`` → a tool prompt + a grammar,
-and the generated text → ``message.tool_calls``.
+"""Tool calling in the request layer: OpenAI ``tools`` / ``tool_choice`` → a tool prompt (or the chat
+template's own tool rendering) + a grammar, and the generated text → ``message.tool_calls``.
 
 The models this project builds (Chinese-LLaMA/Alpaca) have no tool syntax in their chat templates,
 so the request layer gives them one, documented here and in docs/serving.md:
@@ -22,9 +22,9 @@ the template gets the tools (``tools=``, OpenAI form) and the history in HF form
 ``tool_calls`` with ``arguments`` as a dict, ``tool`` messages with ``tool_call_id`` and ``name``), no
 tool prompt is added, and the grammar and parsing follow the model's own syntax:
 
-* ``hermes`` (Hermes-2-Pro, Qwen2/2.5 and their fine-tunes): the template mentions ``<tool_call>``;
-  a call is ``<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>``, parallel calls are
-  several such blocks.
+* ``hermes`` (Hermes-2-Pro, Qwen2/2.5 and their fine-tunes): the template mentions ``<tool_call>``
+  and ``</tool_call>``; a call is ``<tool_call>``, a newline, ``{"name": ..., "arguments": {...}}``,
+  a newline, ``</tool_call>``; parallel calls are several such blocks, a newline between them.
 * ``llama3`` (Llama-3.1/3.2/3.3): the template shows ``"parameters":`` with ``<|eom_id|>`` or
   ``<|python_tag|>``; a call is the bare object ``{"name": ..., "parameters": {...}}``, one per answer.
 
@@ -418,20 +418,33 @@ def _call(item: Any, p: ToolPlan, key: str) -> Optional[dict]:
 
 
 def _native_items(s: str, fmt: NativeFormat) -> Optional[list]:
-    """The call objects of a native answer (``s`` stripped), or None when it is not only calls."""
-    if not fmt.open:
-        try:
-            return [json.loads(s)]
-        except ValueError:
+    """The call objects of a native answer (``s`` stripped), or None when it is not only calls:
+    each is the marker, one JSON value (read as JSON, so a ``</tool_call>`` inside an argument string
+    is no end), the end marker; blanks may come between."""
+    decoder = json.JSONDecoder()
+    start, end = fmt.open.strip(), fmt.close.strip()
+    items, i = [], 0
+    while i < len(s):
+        if not s.startswith(start, i):
             return None
-    start, end = re.escape(fmt.open.strip()), re.escape(fmt.close.strip())
-    blocks = re.findall(f"{start}(.*?){end}", s, flags=re.S)
-    if not blocks or re.sub(f"{start}.*?{end}", "", s, flags=re.S).strip():
-        return None  # no block, or text besides the blocks (a cut-off call, say)
-    try:
-        return [json.loads(b) for b in blocks]
-    except ValueError:
-        return None
+        i += len(start)
+        while i < len(s) and s[i].isspace():
+            i += 1
+        try:
+            obj, i = decoder.raw_decode(s, i)
+        except ValueError:
+            return None  # a cut-off call, say
+        while i < len(s) and s[i].isspace():
+            i += 1
+        if not s.startswith(end, i):
+            return None
+        i += len(end)
+        items.append(obj)
+        while i < len(s) and s[i].isspace():
+            i += 1
+        if not fmt.parallel:
+            break
+    return items if items and i == len(s) else None
 
 
 def parse(text: str, p: ToolPlan) -> Optional[list[dict]]:

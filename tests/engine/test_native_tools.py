@@ -136,6 +136,8 @@ def test_parse_strips_the_markers_and_refuses_anything_else():
     calls = tools.parse(two, p)
     assert [c["function"]["name"] for c in calls] == ["add", "get_weather"]
     assert json.loads(calls[1]["function"]["arguments"]) == {"city": "北京"}
+    tricky = '<tool_call>{"name": "get_weather", "arguments": {"city": "a</tool_call>b"}}</tool_call>'
+    assert json.loads(tools.parse(tricky, p)[0]["function"]["arguments"]) == {"city": "a</tool_call>b"}
     for text in ("hello", one[:-3], one + " and more", '<tool_call>\n{"name": "nope", '
                  '"arguments": {}}\n</tool_call>', one.replace('"arguments"', '"parameters"'),
                  '{"name": "add", "arguments": {"a": 1, "b": 2}}'):
@@ -145,6 +147,7 @@ def test_parse_strips_the_markers_and_refuses_anything_else():
     (call,) = tools.parse('{"name": "add", "parameters": {"a": 1, "b": 2}}', llama)
     assert json.loads(call["function"]["arguments"]) == {"a": 1, "b": 2}
     assert tools.parse('{"name": "add", "arguments": {"a": 1, "b": 2}}', llama) is None
+    assert tools.parse('{"name": "add", "parameters": {"a": 1, "b": 2}} more', llama) is None
 
 
 def test_stream_splitter_waits_while_the_text_could_be_the_marker():
