@@ -110,6 +110,9 @@ def named(name: str) -> dict:
 def test_native_format_detects_hermes_and_llama3_templates_only():
     assert tools.native_format(HERMES_TEMPLATE) is tools.HERMES
     assert tools.native_format(LLAMA3_TEMPLATE) is tools.LLAMA3
+    # Llama-3.1's own template gives tools a default itself, after reading it: still native
+    default = "{%- if not tools is defined %}{%- set tools = none %}{%- endif %}"
+    assert tools.native_format(default + LLAMA3_TEMPLATE) is tools.LLAMA3
     for fmt in prompts.FORMATS.values():  # our Alpaca templates know no tools
         assert tools.native_format(fmt.chat_template) is None
     assert tools.native_format(None) is None and tools.native_format("") is None
