@@ -289,9 +289,10 @@ def native_grammar(p: ToolPlan) -> str:
     parts = ([_gbnf_literal(fmt.open)] if fmt.open else []) + ["cllama-call"] \
         + ([_gbnf_literal(fmt.close)] if fmt.close else [])
     rules = f"cllama-block ::= {' '.join(parts)}\n"
-    calls = "cllama-block"
+    # (one optional space first, as in grammar(): a SentencePiece model's first token often has one)
+    calls = '" "? cllama-block'
     if p.parallel:
-        calls = f"cllama-block ({_gbnf_literal(fmt.between)} cllama-block)*"
+        calls += f" ({_gbnf_literal(fmt.between)} cllama-block)*"
     if p.choice in ("required", "named"):
         return f"root ::= {calls}\n" + rules + call
     return (f"root ::= {calls} | cllama-text\n" + rules

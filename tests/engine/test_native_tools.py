@@ -206,17 +206,20 @@ def test_the_gguf_template_renders_the_tools_and_no_tool_prompt(engine):
 
 
 def grammar_accepts(engine, grammar: str, text: str) -> bool:
-    """Whether llama.cpp's grammar sampler lets the model write exactly ``text`` (then EOS): at each
-    token it must leave that token's logit finite. (Applying the sampler only masks; accepting a
-    masked token would abort, so a rejected token is never accepted.)"""
+    """Whether llama.cpp's grammar sampler lets the model write exactly ``text`` (then EOS), one byte
+    per token (the byte-fallback vocabulary has a one-byte piece for every byte; the tokenizer would
+    add SentencePiece's dummy-prefix space): at each token it must leave that token's logit finite.
+    (Applying the sampler only masks; accepting a masked token would abort, so none is accepted.)"""
     import ctypes
 
     import llama_cpp as lc
 
     model = engine.model
-    tokens = engine.tokenize(text, add_bos=False, special=False)
-    if tokens and engine.token_piece(tokens[0]) == b" " and not text.startswith(" "):
-        tokens = tokens[1:]  # SentencePiece's dummy-prefix space
+    one_byte: dict[bytes, int] = {}
+    for i in range(model.n_vocab):
+        if len(engine.token_piece(i)) == 1:
+            one_byte.setdefault(engine.token_piece(i), i)
+    tokens = [one_byte[bytes([b])] for b in text.encode("utf-8")]
     g = lc.llama_sampler_init_grammar(model.vocab, grammar.encode("utf-8"), b"root")
     assert g, "invalid grammar"
     data = (lc.llama_token_data * model.n_vocab)()
@@ -247,7 +250,7 @@ WEATHER_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Pari
 def test_the_auto_grammar_allows_text_or_calls_and_no_text_that_starts_like_a_call(engine):
     g = _grammar(engine)
     for ok in ("hello", "<b>hi</b>", "<tool", "<toolbox>", "  hi <tool_call>", ADD_CALL,
-               ADD_CALL + "\n" + WEATHER_CALL):
+               " " + ADD_CALL, ADD_CALL + "\n" + WEATHER_CALL):
         assert grammar_accepts(engine, g, ok), ok
     for bad in ("<tool_call>hello", "  <tool_call>\nhi", ADD_CALL + " and text",
                 ADD_CALL.replace('"b": 2.5', '"b": "x"'), ADD_CALL.replace('"a": 1, ', ""),
@@ -261,7 +264,8 @@ def test_forced_grammars_allow_only_calls_of_the_offered_tools(engine):
     assert grammar_accepts(engine, required, WEATHER_CALL + "\n" + ADD_CALL)
     assert not grammar_accepts(engine, required, "hello")
     single = _grammar(engine, tool_choice="required", parallel_tool_calls=False)
-    assert grammar_accepts(engine, single, ADD_CALL)
+    assert grammar_accepts(engine, single, ADD_CALL) and grammar_accepts(engine, single, " " + ADD_CALL)
+    assert not grammar_accepts(engine, single, "\n\n" + ADD_CALL)
     assert not grammar_accepts(engine, single, ADD_CALL + "\n" + ADD_CALL)
     only_add = _grammar(engine, tool_choice=named("add"))
     assert grammar_accepts(engine, only_add, ADD_CALL)
