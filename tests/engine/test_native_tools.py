@@ -123,6 +123,17 @@ def test_native_format_detects_hermes_and_llama3_templates_only():
     assert tools.native_format("{% if tools %}<tool_call></tool_call>{% endif") is None  # no parse
 
 
+def test_render_chat_passes_tools_only_when_given_and_writes_plain_json():
+    t = "{{ 'tools' if tools is defined else 'none' }} {{ messages[0].content | tojson }}"
+    msgs = [{"role": "user", "content": "<a> & '北京'"}]
+    assert prompts.render_chat(t, msgs) == "none \"<a> & '北京'\""  # not HTML-escaped, not \\u-escaped
+    assert prompts.render_chat(t, msgs, tools=[]).startswith("tools ")
+    from jinja2 import TemplateError
+
+    with pytest.raises(TemplateError, match="no tools here"):
+        prompts.render_chat("{{ raise_exception('no tools here') }}", msgs)
+
+
 def _plan(choice="auto", parallel=True, native=tools.HERMES) -> tools.ToolPlan:
     ts = [tools.Tool("get_weather", "", WEATHER["function"]["parameters"]),
           tools.Tool("add", "", ADD["function"]["parameters"])]
