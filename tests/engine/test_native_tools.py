@@ -486,3 +486,17 @@ def test_server_round_trip_with_the_native_template(engine, closer_bias):
         assert final.usage_metadata["input_tokens"] == len(prompt.prompt_tokens)
     finally:
         srv.stop()
+
+
+def test_streamed_parallel_blocks_are_one_delta_each(engine, closer_bias):
+    kw = dict(tools=TOOLS, tool_choice="required", max_tokens=400, temperature=1.0, seed=0,
+              logit_bias={**closer_bias, str(engine.eos_id): 8})
+    msgs = [{"role": "user", "content": PROMPTS[0]}]
+    full = rl.chat(engine, msgs, **kw).choices[0].message.tool_calls
+    assert len(full) > 1  # (this seed writes several blocks, test_parallel_calls_are_several_blocks)
+    deltas = [d for chunk in rl.stream_chat(engine, msgs, **kw) for c in chunk.choices
+              for d in c.delta.tool_calls or []]
+    assert [d.index for d in deltas] == list(range(len(full)))
+    assert [(d.function.name, d.function.arguments) for d in deltas] == \
+        [(c.function.name, c.function.arguments) for c in full]
+    assert len({d.id for d in deltas}) == len(deltas)
