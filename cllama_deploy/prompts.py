@@ -168,12 +168,31 @@ def load_chat_template(spec: str) -> str:
 
 
 def render_chat(template: str, messages: list[dict], bos_token: str = "<s>", eos_token: str = "</s>",
-                add_generation_prompt: bool = True) -> str:
-    """Render a chat template with Jinja2 in a sandbox, as HF and llama.cpp do."""
+                add_generation_prompt: bool = True, tools: list[dict] | None = None) -> str:
+    """Render a chat template with Jinja2 in a sandbox, as HF and llama.cpp do.
+
+    ``tools`` (OpenAI / HF form: ``[{"type": "function", "function": {...}}]``) is passed to the
+    template only when given, so a template testing ``tools is defined`` sees no tools otherwise.
+    As in HF's renderer, ``tojson`` writes plain JSON (not HTML-escaped) and ``raise_exception(msg)``
+    raises a TemplateError, which tool-use templates call on messages they cannot render.
+    """
+    import json
+
+    from jinja2 import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+    def tojson(x, indent=None, separators=None, sort_keys=False, ensure_ascii=False):
+        return json.dumps(x, indent=indent, separators=separators, sort_keys=sort_keys,
+                          ensure_ascii=ensure_ascii)
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    extra = {} if tools is None else {"tools": tools}
     return env.from_string(template).render(
         messages=messages, bos_token=bos_token, eos_token=eos_token,
-        add_generation_prompt=add_generation_prompt,
+        add_generation_prompt=add_generation_prompt, **extra,
     )

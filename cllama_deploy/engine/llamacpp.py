@@ -284,8 +284,12 @@ class LlamaCppEngine:
         pieces = self.model.pieces
         return b"".join(pieces[t] for t in token_ids).decode("utf-8", errors="replace")
 
-    def render_chat(self, messages: list[dict], *, add_generation_prompt: bool = True) -> list[int]:
+    def render_chat(self, messages: list[dict], *, add_generation_prompt: bool = True,
+                    tools: Optional[list[dict]] = None) -> list[int]:
         """Render messages with the chat template and tokenize; BOS comes from the template.
+
+        ``tools`` (OpenAI form) goes to a template that renders tools itself (engine/tools.py
+        ``native_format``); None passes no ``tools`` variable.
 
         Templates that include ``bos_token`` (the Alpaca ones do) put the BOS text in the prompt,
         which tokenizes to the BOS id with special-token parsing; a template that does not gets one
@@ -298,7 +302,7 @@ class LlamaCppEngine:
         try:
             text = prompts.render_chat(self.info.chat_template, messages, bos_token=self.info.bos_token,
                                        eos_token=self.info.eos_token,
-                                       add_generation_prompt=add_generation_prompt)
+                                       add_generation_prompt=add_generation_prompt, tools=tools)
         except TemplateError as exc:
             raise InvalidRequest(f"the chat template could not render these messages: {exc}",
                                  param="messages") from exc

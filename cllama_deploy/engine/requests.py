@@ -534,7 +534,10 @@ def prepare_chat(engine: Engine, body: Union[ChatCompletionRequest, Mapping[str,
         raise InvalidRequest("functions/function_call (OpenAI's deprecated form) are not supported; "
                              "use tools and tool_choice", param="functions" if body.functions
                              else "function_call", code="unsupported_parameter")
-    tool_plan = tools.plan(body)  # None without tools (engine/tools.py: prompt, grammar, parsing)
+    # None without tools (engine/tools.py: the template's own tool syntax or our tool prompt, the
+    # grammar, parsing)
+    native = tools.native_format(engine.info.chat_template)
+    tool_plan = tools.plan(body, native)
     n = body.n or 1
     check_n(n, 1, config)
     if body.top_logprobs is not None and not body.logprobs:
@@ -543,11 +546,17 @@ def prepare_chat(engine: Engine, body: Union[ChatCompletionRequest, Mapping[str,
                              is not None else body.max_tokens)
     grammar = grammar_for(body.response_format, json_schema=body.json_schema, grammar=body.grammar)
     messages = chat_messages(body)
-    if tool_plan is not None or tools.has_tool_history(body):
+    render_tools = None
+    if native is not None and (tool_plan is not None or tools.has_tool_history(body)):
+        grammar = _tool_grammar(tool_plan, grammar)
+        messages = tools.native_messages(messages, body)
+        render_tools = tools.openai_tools(tool_plan) or None  # (tool_choice none: no tools)
+    elif tool_plan is not None or tools.has_tool_history(body):
         grammar = _tool_grammar(tool_plan, grammar)
         fmt = prompts.format_of_template(engine.info.chat_template)
         messages = tools.messages(messages, body, tool_plan, fmt.system if fmt else None)
-    prompt = engine.render_chat(messages)
+    prompt = engine.render_chat(messages) if render_tools is None \
+        else engine.render_chat(messages, tools=render_tools)
     check_context(engine, prompt, max_tokens, "messages")
     params = sampling_params(body, config.sampling, max_tokens=max_tokens,
                              stop=stop_list(body.stop) + list(engine.info.stop),
@@ -742,7 +751,8 @@ class _ChatOutput(_Output):
 
     With tools, an answer that is a tool call becomes ``message.tool_calls`` (finish reason
     ``tool_calls``); streamed, its text is held back and sent as whole tool-call deltas with the finish
-    reason (the grammar decides at the first non-blank character whether the answer is a call)."""
+    reason (the grammar decides at the first non-blank character, or the native call marker, whether
+    the answer is a call)."""
 
     def __init__(self, want_lp: bool, tool_plan: Optional["tools.ToolPlan"] = None):
         self.want_lp = want_lp
