@@ -33,7 +33,7 @@ from cllama_deploy.engine.base import (
 )
 from cllama_deploy.engine.sequence import Group, Sequence as SeqState
 from cllama_deploy.engine.stream import ChunkStream
-from cllama_deploy.engine.threads import default_n_threads
+from cllama_deploy.engine.threads import available_cpus, default_n_threads
 from cllama_deploy.errors import ConfigError, InputError, require
 
 log = logging.getLogger("cllama_deploy.engine")
@@ -225,7 +225,7 @@ class LlamaCppEngine:
             self._runner, parallel=config.parallel, max_queue=config.max_queue, n_ctx=self.n_ctx,
             n_batch=n_batch, prefill_chunk=config.prefill_chunk, prefix_cache=config.prefix_cache,
             cache_entries=PREFIX_CACHE_ENTRIES, cache_bytes=min(PREFIX_CACHE_BYTES, kv_bytes),
-            name=config.model_id)
+            yield_cpu=self.n_threads >= available_cpus(), name=config.model_id)
         self._closed = False
         self._close_lock = threading.Lock()
         self.info = self._model_info()

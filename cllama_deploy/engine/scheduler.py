@@ -56,6 +56,11 @@ MIN_FOLLOW_TOKENS = 32
 # step of the generating sequences alone (the running streams' inter-token latency while a prompt joins)
 STEP_SLOWDOWN = 2.0
 MIN_PREFILL_CHUNK = 8
+# with llama.cpp threads on every core, after a step the worker waits (at most this share of a decode
+# step, and this many seconds) for the streams' consumers to take their chunks: their work (SSE
+# writes, JSON) would otherwise run during the next llama_decode and stall its threads
+YIELD_SHARE = 0.25
+YIELD_MAX = 0.010
 EMA = 0.3
 HISTOGRAM_BOUNDS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 
@@ -112,11 +117,12 @@ class BatchScheduler:
             across requests.
         cache_entries: most finished sequences kept for reuse.
         cache_bytes: most host memory those hold.
+        yield_cpu: let consumers run between steps (llama.cpp uses every core; see YIELD_SHARE).
     """
 
     def __init__(self, runner, *, parallel: int, max_queue: int, n_ctx: int, n_batch: int,
                  prefill_chunk: int, prefix_cache: bool = True, cache_entries: int = 16,
-                 cache_bytes: int = 1 << 30, name: str = "engine"):
+                 cache_bytes: int = 1 << 30, yield_cpu: bool = False, name: str = "engine"):
         from cllama_deploy.engine.llama_api import Batch
 
         self.runner = runner
@@ -127,6 +133,7 @@ class BatchScheduler:
         self.n_batch = n_batch
         self.prefill_chunk = max(1, prefill_chunk)
         self.prefix_cache_enabled = prefix_cache
+        self.yield_cpu = yield_cpu
         self.kv_cells_total = parallel * n_ctx
         self._batch = Batch(n_batch)
         self._tree = KVTree()
@@ -485,9 +492,11 @@ class BatchScheduler:
         for seq, first, start, k in scored:
             seq.score_prompt(start, k, lambda j, b=first: self.ctx.logits(b + j), model.pieces)
         generated = 0
+        fed = []
         for seq, k, idx in rows:
             if idx is None:
                 continue
+            fed.append(seq.stream)
             if seq.state is State.PREFILL:
                 seq.state = State.DECODE
                 self._serve_followers(seq, idx)
@@ -506,6 +515,17 @@ class BatchScheduler:
             self.step_seconds += time.monotonic() - t0
         self.step_sequences.observe(len(rows))
         self.step_tokens.observe(batch.n)
+        if self.yield_cpu and fed:
+            self._let_consumers_run(fed)
+
+    def _let_consumers_run(self, streams: list) -> None:
+        """Wait, bounded, until the streams fed this step have consumers waiting for more."""
+        step = self._t_decode_step if self._t_decode_step is not None else YIELD_MAX
+        deadline = time.monotonic() + min(YIELD_MAX, YIELD_SHARE * step)
+        while streams and time.monotonic() < deadline:
+            streams = [s for s in streams if not s.consumer_idle()]
+            if streams:
+                time.sleep(0.0002)
 
     def _prefill_budget(self) -> int:
         """Prompt tokens a step may carry beside the generating sequences (see STEP_SLOWDOWN)."""

@@ -38,6 +38,7 @@ class ChunkStream:
         self._items: deque = deque()
         self._cond = threading.Condition(threading.Lock())
         self._waiter: Optional[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = None
+        self._sync_waiting = 0  # blocking consumers waiting in __next__
         self._done = False
         self._on_cancel: list[Callable[[], None]] = []
 
@@ -56,6 +57,13 @@ class ChunkStream:
 
     def end(self) -> None:
         self.put(_END)
+
+    def consumer_idle(self) -> bool:
+        """Whether the consumer has taken everything and is waiting for more (or has gone): what
+        it did with the last chunk (an SSE write, say) is done."""
+        with self._cond:
+            return self._done or self.cancelled.is_set() or (
+                not self._items and (self._waiter is not None or self._sync_waiting > 0))
 
     # -- consumer side ----------------------------------------------------------------------------
     def on_cancel(self, fn: Callable[[], None]) -> None:
@@ -107,7 +115,11 @@ class ChunkStream:
                 remaining = self._remaining()
                 if remaining is not None and remaining <= 0:
                     break
-                self._cond.wait(remaining)
+                self._sync_waiting += 1
+                try:
+                    self._cond.wait(remaining)
+                finally:
+                    self._sync_waiting -= 1
             item = self._items.popleft() if self._items else None
         if item is None:
             raise self._timeout()  # outside the lock: cancelling ends the stream through put()

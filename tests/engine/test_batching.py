@@ -270,3 +270,29 @@ def test_flash_attention_setting_reaches_llama_cpp_and_leaves_outputs_alone(engi
                         assert gap < NEAR_TIE, (j, want[j], out[j], gap)
         finally:
             eng.close(10)
+
+
+def test_with_llama_cpp_on_every_core_the_worker_lets_consumers_run_between_steps(engine_gguf, alone):
+    """With as many llama.cpp threads as CPUs, the worker waits (bounded) after each step for the
+    consumers to take their chunks; outputs are unchanged and a consumer that never reads does not
+    stall the others."""
+    from cllama_deploy.engine.threads import available_cpus
+
+    eng = bs.load_engine(engine_gguf, n_ctx=256, parallel=3, n_threads=available_cpus())
+    try:
+        assert eng.scheduler.yield_cpu
+        rng = random.Random(12)
+        reqs = [(random_prompt(rng, n), SamplingParams(temperature=0, max_tokens=16,
+                                                       logit_bias=dict(NO_EOS)))
+                for n in (5, 40)]
+        idle = eng.generate(GenerationRequest(random_prompt(rng, 8), SamplingParams(
+            temperature=0, max_tokens=16, logit_bias=dict(NO_EOS))))  # never read until the end
+        streams = [eng.generate(GenerationRequest(p, s)) for p, s in reqs]
+        outs = consume_in_threads([(s, None) for s in streams])
+        for (p, s), out in zip(reqs, outs):
+            assert out.tokens == serve_alone(alone, p, s)[0].tokens
+        assert len(consume(idle).tokens) == 16
+        st = eng.stats()
+        assert st["step_seconds"] > st["decode_seconds"]
+    finally:
+        eng.close(10)
