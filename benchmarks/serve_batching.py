@@ -313,12 +313,17 @@ async def load_run(server: Server, clients: int, per_client: int, max_tokens: in
 
 
 async def join_run(server: Server, seed: int, long_tokens: int = 1000) -> dict:
-    """4 running streams; a ~1000-token prompt joins; their inter-token gaps before and during."""
+    """4 running streams; a ~1000-token prompt joins; their inter-token gaps before (once all four
+    are generating) and during its prefill."""
     rng = random.Random(seed)
     partial = [{} for _ in range(4)]
     running = [asyncio.ensure_future(stream_completion(server.port, body(
         server, prompt_text(rng, 24), 1000), partial[i])) for i in range(4)]
-    await asyncio.sleep(4.0)  # the four are prefilled and generating
+    # the four are prefilled and generating: each has streamed 10 tokens (or 60 s passed)
+    deadline = time.perf_counter() + 60
+    while time.perf_counter() < deadline and not all(len(p.get("stamps", ())) >= 10 for p in partial):
+        await asyncio.sleep(0.1)
+    t_steady = max((p["stamps"][0] for p in partial if p.get("stamps")), default=0.0)
     long_prompt = prompt_text(rng, 20)
     while n_tokens(long_prompt) < long_tokens:
         long_prompt += " " + prompt_text(rng, 10)
@@ -336,7 +341,8 @@ async def join_run(server: Server, seed: int, long_tokens: int = 1000) -> dict:
         s = r.get("stamps", [])
         for a, b in zip(s, s[1:]):
             if b <= t_join:
-                before.append(b - a)
+                if a >= t_steady:  # steady decoding: all four started (not their prefill steps)
+                    before.append(b - a)
             elif a < t_first:  # a gap that overlaps the long prompt's prefill
                 during.append(b - a)
     p50, p99 = pct(before, 50), pct(during, 99)

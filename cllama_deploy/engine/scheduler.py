@@ -17,7 +17,10 @@ it within ``STEP_SLOWDOWN`` times a decode-only step (from running estimates of 
 ``MIN_PREFILL_CHUNK``, at most ``prefill_chunk``), so a long prompt joining slows the running streams'
 next tokens by a bounded factor instead of freezing them for the whole prompt, on a GPU (where prompt
 tokens are cheap: large chunks) as on one CPU core (where each costs nearly a decode step: small
-chunks). With nobody generating, a step takes up to ``n_batch``.
+chunks). A short prompt (at most ``WHOLE_PROMPT`` tokens to compute) joins whole instead, one per
+step: in small chunks it would cost several passes over the weights (with one KV stream per
+sequence, a prompt's chunk is a micro-batch of its own). With nobody generating, a step takes up to
+``n_batch``.
 
 KV budget (see docs/serving.md): the context holds ``parallel × n_ctx`` cells, one stream of
 ``n_ctx`` per slot (the seq id is the stream; the lowest free id is taken, and each step's batch is
@@ -55,7 +58,11 @@ MIN_FOLLOW_TOKENS = 32
 # a step that carries prompt chunks beside generating sequences may take this many times as long as a
 # step of the generating sequences alone (the running streams' inter-token latency while a prompt joins)
 STEP_SLOWDOWN = 2.0
-MIN_PREFILL_CHUNK = 8
+MIN_PREFILL_CHUNK = 4
+# a prompt with at most this many tokens to compute joins in one step (one at a time), beyond the
+# budget: on CPUs a micro-batch under ~16 tokens costs ~2x more per token than a larger one, and
+# with one KV stream per sequence a prompt's chunk is a micro-batch of its own
+WHOLE_PROMPT = 64
 # with llama.cpp threads on every core, after a step the worker waits (at most this share of a decode
 # step, and this many seconds) for the streams' consumers to take their chunks: their work (SSE
 # writes, JSON) would otherwise run during the next llama_decode and stall its threads
@@ -445,15 +452,26 @@ class BatchScheduler:
         batch.clear()
         decoding = [s for s in self._running if s.state is State.DECODE and s.pending is not None]
         # prompt tokens per prefilling sequence, given out in arrival order
-        budget = (self.n_batch - len(decoding)) if not decoding else \
-            min(self.n_batch - len(decoding), self._prefill_budget())
+        room = self.n_batch - len(decoding)
+        budget = room if not decoding else min(room, self._prefill_budget())
+        whole_left = 1  # short prompts that may join whole beyond the budget this step
         chunks: dict[int, int] = {}
         for seq in self._running:
-            if budget <= 0:
-                break
-            if seq.state is State.PREFILL:
-                chunks[id(seq)] = k = min(seq.prompt_left, budget)
-                budget -= k
+            if seq.state is not State.PREFILL or room <= 0:
+                continue
+            if (whole_left and seq.prompt_left <= room
+                    and seq.n_prompt - seq.cached_tokens <= WHOLE_PROMPT):
+                # a short prompt joins whole: cut in small chunks, each would cost a pass over
+                # the weights in the slow small-batch regime
+                k = seq.prompt_left
+                whole_left -= 1
+            elif budget > 0:
+                k = min(seq.prompt_left, budget)
+            else:
+                continue
+            chunks[id(seq)] = k
+            room -= k
+            budget -= k
         rows: list[tuple[Sequence, int, Optional[int]]] = []  # (seq, tokens added, logits index)
         scored: list[tuple[Sequence, int, int, int]] = []  # (seq, first batch index, position, tokens)
         # the batch in seq-id order: llama.cpp decodes consecutive ids of per-sequence streams in one
@@ -482,7 +500,8 @@ class BatchScheduler:
                 self._fail(seq, EngineError(f"generation failed inside llama.cpp: {exc}"))
             return
         t2 = time.monotonic()
-        self._learn_costs(t2 - t1, len(decoding), n_prefill)
+        if whole_left:  # a whole short prompt's step says little about a chunk's cost: skip it
+            self._learn_costs(t2 - t1, len(decoding), n_prefill)
         for seq, k, _ in rows:
             start = seq.n_past
             self._tree.extend(seq.seq_id, seq.prompt[start:start + k] if seq.state is State.PREFILL
