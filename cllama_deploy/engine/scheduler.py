@@ -13,8 +13,9 @@ choices of a request that already has a slot do not count. ``max_queue=0`` means
 but a free slot still serves at once.
 
 Prefill is chunked: while other sequences generate, a step carries only as many prompt tokens as keep
-it within ``STEP_SLOWDOWN`` times a decode-only step (from running estimates of both costs; at least
-``MIN_PREFILL_CHUNK``, at most ``prefill_chunk``), so a long prompt joining slows the running streams'
+it within ``STEP_SLOWDOWN`` times a decode-only step (from running estimates of both costs, corrected
+by what the steps with a chunk really took: a chunk's micro-batch has a fixed cost that a per-token
+estimate misses; at least ``MIN_PREFILL_CHUNK``, at most ``prefill_chunk``), so a long prompt joining slows the running streams'
 next tokens by a bounded factor instead of freezing them for the whole prompt, on a GPU (where prompt
 tokens are cheap: large chunks) as on one CPU core (where each costs nearly a decode step: small
 chunks). A short prompt (at most ``WHOLE_PROMPT`` tokens to compute) joins whole instead, one per
@@ -58,7 +59,7 @@ MIN_FOLLOW_TOKENS = 32
 # a step that carries prompt chunks beside generating sequences may take this many times as long as a
 # step of the generating sequences alone (the running streams' inter-token latency while a prompt joins)
 STEP_SLOWDOWN = 2.0
-MIN_PREFILL_CHUNK = 4
+MIN_PREFILL_CHUNK = 1
 # a prompt with at most this many tokens to compute joins in one step (one at a time), beyond the
 # budget: on CPUs a micro-batch under ~16 tokens costs ~2x more per token than a larger one, and
 # with one KV stream per sequence a prompt's chunk is a micro-batch of its own
@@ -69,6 +70,7 @@ WHOLE_PROMPT = 64
 YIELD_SHARE = 0.25
 YIELD_MAX = 0.010
 EMA = 0.3
+CHUNK_SCALE = (0.1, 8.0)  # bounds of the correction of the cost model's chunk size
 HISTOGRAM_BOUNDS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 
 
@@ -166,6 +168,7 @@ class BatchScheduler:
         self.step_seconds = 0.0
         self._t_decode_step: Optional[float] = None  # seconds of a decode-only step (running mean)
         self._t_prompt_token: Optional[float] = None  # seconds per prompt token in a step
+        self._chunk_scale = 1.0  # correction of the cost model's chunk, from the chunked steps' times
         self._thread = threading.Thread(target=self._loop, name=f"cllama-{name}", daemon=True)
         self._thread.start()
 
@@ -502,6 +505,8 @@ class BatchScheduler:
         t2 = time.monotonic()
         if whole_left:  # a whole short prompt's step says little about a chunk's cost: skip it
             self._learn_costs(t2 - t1, len(decoding), n_prefill)
+            if decoding and n_prefill:
+                self._correct_chunk(t2 - t1, n_prefill)
         for seq, k, _ in rows:
             start = seq.n_past
             self._tree.extend(seq.seq_id, seq.prompt[start:start + k] if seq.state is State.PREFILL
@@ -550,8 +555,20 @@ class BatchScheduler:
         """Prompt tokens a step may carry beside the generating sequences (see STEP_SLOWDOWN)."""
         if self._t_decode_step is None or self._t_prompt_token is None:
             return min(self.prefill_chunk, MIN_PREFILL_CHUNK)
-        k = int((STEP_SLOWDOWN - 1.0) * self._t_decode_step / max(self._t_prompt_token, 1e-9))
+        k = int(self._chunk_scale * (STEP_SLOWDOWN - 1.0) * self._t_decode_step
+                / max(self._t_prompt_token, 1e-9))
         return max(min(MIN_PREFILL_CHUNK, self.prefill_chunk), min(k, self.prefill_chunk))
+
+    def _correct_chunk(self, seconds: float, n_prompt: int) -> None:
+        """A step with a prompt chunk beside generating sequences took ``seconds``: shrink the
+        chunks quickly when it overshot STEP_SLOWDOWN times a decode-only step, grow them slowly
+        while a full chunk stays within it."""
+        if self._t_decode_step is None:
+            return
+        if seconds > STEP_SLOWDOWN * self._t_decode_step:
+            self._chunk_scale = max(CHUNK_SCALE[0], self._chunk_scale * 0.8)
+        elif n_prompt >= self._prefill_budget():
+            self._chunk_scale = min(CHUNK_SCALE[1], self._chunk_scale * 1.05)
 
     def _learn_costs(self, seconds: float, n_decode: int, n_prompt: int) -> None:
         """Running means of a decode-only step's time and of one prompt token's time."""
