@@ -229,13 +229,12 @@ class LlamaCppEngine:
         self._closed = False
         self._close_lock = threading.Lock()
         self.info = self._model_info()
+        cache = (f"on (host memory, up to {min(PREFIX_CACHE_BYTES, kv_bytes) / 2**20:.0f} MiB)"
+                 if config.prefix_cache else "off")
         log.info("loaded %s: n_ctx=%d per sequence (trained %d), %d slots, KV cache %d tokens "
-                 "(%.0f MiB), n_vocab=%d, threads=%d, prefix cache %s, chat template from %s",
-                 config.model_id, self.n_ctx, model.n_ctx_train, config.parallel,
-                 self.n_ctx * config.parallel,
-                 self.n_ctx * config.parallel * model.kv_bytes_per_token(config.kv_cache_type) / 2**20,
-                 self.n_vocab,
-                 self.n_threads, "on" if config.prefix_cache else "off",
+                 "(%.0f MiB, a stream per slot), n_vocab=%d, threads=%d, prefix cache %s, chat template "
+                 "from %s", config.model_id, self.n_ctx, model.n_ctx_train, config.parallel,
+                 self.n_ctx * config.parallel, kv_bytes / 2**20, self.n_vocab, self.n_threads, cache,
                  self.info.chat_template_source)
 
     @classmethod
