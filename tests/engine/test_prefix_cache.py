@@ -106,3 +106,23 @@ def test_the_cache_is_bounded_and_evicts_the_least_recently_used(engine_gguf, mo
             assert st["prefix_cache_entries"] <= 6 and 0 < st["prefix_cache_bytes"] <= kv_bytes
     finally:
         eng.close(10)
+
+
+def test_a_cached_prefix_that_cannot_be_restored_is_computed_instead(engine_gguf, monkeypatch, caplog):
+    eng = bs.load_engine(engine_gguf, n_ctx=256, parallel=1)
+    try:
+        rng = random.Random(5)
+        prompt = random_prompt(rng, 60)
+        params = SamplingParams(max_tokens=6, **GREEDY)
+        first = consume(eng.generate(GenerationRequest(prompt, params)))
+        assert bs.wait_until(lambda: eng.stats()["prefix_cache_entries"] == 1)
+        again = consume(eng.generate(GenerationRequest(prompt, params)))
+        assert again.cached == len(prompt) - 1 and again.tokens == first.tokens
+        # llama.cpp refuses the restore (no free cells, say): the prompt is read again, same answer
+        monkeypatch.setattr(eng.context, "seq_restore", lambda data, seq_id: False)
+        with caplog.at_level("WARNING", logger="cllama_deploy.engine"):
+            third = consume(eng.generate(GenerationRequest(prompt, params)))
+        assert third.cached == 0 and third.tokens == first.tokens
+        assert any("could not restore" in r.getMessage() for r in caplog.records)
+    finally:
+        eng.close(10)
