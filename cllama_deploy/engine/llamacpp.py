@@ -62,7 +62,7 @@ class LlamaCppConfig:
         parallel: slots: sequences decoded together in each step (choices of ``n > 1`` use one each).
         prefix_cache: reuse the KV of prompt prefixes shared with running or finished sequences.
         prefill_chunk: most prompt tokens per step while other sequences generate; the scheduler
-            takes fewer when more would make the step over 2x slower than the generating sequences'
+            takes fewer when more would make the step over 1.8x slower than the generating sequences'
             step alone.
         kv_cache_type: element type of the KV cache, ``f16`` (llama.cpp's default) or ``f32``.
         flash_attn: llama.cpp's flash attention: ``off`` (default), ``on``, or ``auto`` (llama.cpp
@@ -93,7 +93,7 @@ class LlamaCppConfig:
         "flag": "--prefix-cache/--no-prefix-cache"})
     prefill_chunk: int = field(default=DEFAULT_PREFILL_CHUNK, metadata={
         "help": "Most prompt tokens per step while other sequences generate (fewer when they would "
-                "slow those sequences' step more than 2x)."})
+                "slow those sequences' step more than 1.8x)."})
     kv_cache_type: str = field(default="f16", metadata={
         "help": "KV cache element type: f16, or f32 (twice the memory; reference-exact logits).",
         "choices": ("f16", "f32")})

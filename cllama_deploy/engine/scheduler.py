@@ -58,7 +58,7 @@ log = logging.getLogger("cllama_deploy.engine")
 MIN_FOLLOW_TOKENS = 32
 # a step that carries prompt chunks beside generating sequences may take this many times as long as a
 # step of the generating sequences alone (the running streams' inter-token latency while a prompt joins)
-STEP_SLOWDOWN = 2.0
+STEP_SLOWDOWN = 1.8
 MIN_PREFILL_CHUNK = 1
 # a prompt with at most this many tokens to compute joins in one step (one at a time), beyond the
 # budget: on CPUs a micro-batch under ~16 tokens costs ~2x more per token than a larger one, and
@@ -555,20 +555,21 @@ class BatchScheduler:
         """Prompt tokens a step may carry beside the generating sequences (see STEP_SLOWDOWN)."""
         if self._t_decode_step is None or self._t_prompt_token is None:
             return min(self.prefill_chunk, MIN_PREFILL_CHUNK)
-        k = int(self._chunk_scale * (STEP_SLOWDOWN - 1.0) * self._t_decode_step
-                / max(self._t_prompt_token, 1e-9))
+        k = round(self._chunk_scale * (STEP_SLOWDOWN - 1.0) * self._t_decode_step
+                  / max(self._t_prompt_token, 1e-9))
         return max(min(MIN_PREFILL_CHUNK, self.prefill_chunk), min(k, self.prefill_chunk))
 
     def _correct_chunk(self, seconds: float, n_prompt: int) -> None:
-        """A step with a prompt chunk beside generating sequences took ``seconds``: shrink the
-        chunks quickly when it overshot STEP_SLOWDOWN times a decode-only step, grow them slowly
-        while a full chunk stays within it."""
-        if self._t_decode_step is None:
+        """A step with a prompt chunk beside generating sequences took ``seconds``: move the
+        chunks' scale toward what would have made it STEP_SLOWDOWN times a decode-only step (by the
+        square root of the ratio, at most -20 % / +10 % a step; growing only after a full chunk)."""
+        if self._t_decode_step is None or seconds <= 0:
             return
-        if seconds > STEP_SLOWDOWN * self._t_decode_step:
-            self._chunk_scale = max(CHUNK_SCALE[0], self._chunk_scale * 0.8)
-        elif n_prompt >= self._prefill_budget():
-            self._chunk_scale = min(CHUNK_SCALE[1], self._chunk_scale * 1.05)
+        ratio = STEP_SLOWDOWN * self._t_decode_step / seconds
+        if ratio >= 1.0 and n_prompt < self._prefill_budget():
+            return  # the prompt's last, short chunk: says nothing about a full one
+        factor = min(1.1, max(0.8, ratio ** 0.5))
+        self._chunk_scale = min(CHUNK_SCALE[1], max(CHUNK_SCALE[0], self._chunk_scale * factor))
 
     def _learn_costs(self, seconds: float, n_decode: int, n_prompt: int) -> None:
         """Running means of a decode-only step's time and of one prompt token's time."""
