@@ -454,27 +454,7 @@ class BatchScheduler:
         batch = self._batch
         batch.clear()
         decoding = [s for s in self._running if s.state is State.DECODE and s.pending is not None]
-        # prompt tokens per prefilling sequence, given out in arrival order
-        room = self.n_batch - len(decoding)
-        budget = room if not decoding else min(room, self._prefill_budget())
-        whole_left = 1  # short prompts that may join whole beyond the budget this step
-        chunks: dict[int, int] = {}
-        for seq in self._running:
-            if seq.state is not State.PREFILL or room <= 0:
-                continue
-            if (whole_left and seq.prompt_left <= room
-                    and seq.n_prompt - seq.cached_tokens <= WHOLE_PROMPT):
-                # a short prompt joins whole: cut in small chunks, each would cost a pass over
-                # the weights in the slow small-batch regime
-                k = seq.prompt_left
-                whole_left -= 1
-            elif budget > 0:
-                k = min(seq.prompt_left, budget)
-            else:
-                continue
-            chunks[id(seq)] = k
-            room -= k
-            budget -= k
+        chunks, whole_joined = self._prefill_chunks(len(decoding))
         rows: list[tuple[Sequence, int, Optional[int]]] = []  # (seq, tokens added, logits index)
         scored: list[tuple[Sequence, int, int, int]] = []  # (seq, first batch index, position, tokens)
         # the batch in seq-id order: llama.cpp decodes consecutive ids of per-sequence streams in one
@@ -503,7 +483,7 @@ class BatchScheduler:
                 self._fail(seq, EngineError(f"generation failed inside llama.cpp: {exc}"))
             return
         t2 = time.monotonic()
-        if whole_left:  # a whole short prompt's step says little about a chunk's cost: skip it
+        if not whole_joined:  # a whole short prompt's step says little about a chunk's cost
             self._learn_costs(t2 - t1, len(decoding), n_prefill)
             if decoding and n_prefill:
                 self._correct_chunk(t2 - t1, n_prefill)
@@ -541,6 +521,31 @@ class BatchScheduler:
         self.step_tokens.observe(batch.n)
         if self.yield_cpu and fed:
             self._let_consumers_run(fed)
+
+    def _prefill_chunks(self, n_decoding: int) -> tuple[dict[int, int], bool]:
+        """Prompt tokens for each prefilling sequence this step (by ``id(seq)``), given out in
+        arrival order, and whether a short prompt joined whole beyond the budget."""
+        room = self.n_batch - n_decoding
+        budget = room if not n_decoding else min(room, self._prefill_budget())
+        whole_joined = False  # at most one short prompt joins whole per step
+        chunks: dict[int, int] = {}
+        for seq in self._running:
+            if seq.state is not State.PREFILL or room <= 0:
+                continue
+            if (not whole_joined and seq.prompt_left <= room
+                    and seq.n_prompt - seq.cached_tokens <= WHOLE_PROMPT):
+                # a short prompt joins whole: cut in small chunks, each would cost a pass over
+                # the weights in the slow small-batch regime
+                k = seq.prompt_left
+                whole_joined = True
+            elif budget > 0:
+                k = min(seq.prompt_left, budget)
+            else:
+                continue
+            chunks[id(seq)] = k
+            room -= k
+            budget -= k
+        return chunks, whole_joined
 
     def _let_consumers_run(self, streams: list) -> None:
         """Wait, bounded, until the streams fed this step have consumers waiting for more."""
