@@ -14,6 +14,7 @@ chat format.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -176,6 +177,16 @@ def render_chat(template: str, messages: list[dict], bos_token: str = "<s>", eos
     As in HF's renderer, ``tojson`` writes plain JSON (not HTML-escaped) and ``raise_exception(msg)``
     raises a TemplateError, which tool-use templates call on messages they cannot render.
     """
+    extra = {} if tools is None else {"tools": tools}
+    return _compiled(template).render(
+        messages=messages, bos_token=bos_token, eos_token=eos_token,
+        add_generation_prompt=add_generation_prompt, **extra,
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled(template: str):
+    """The template compiled once (every chat request of a model renders the same one)."""
     import json
 
     from jinja2 import TemplateError
@@ -191,8 +202,4 @@ def render_chat(template: str, messages: list[dict], bos_token: str = "<s>", eos
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
-    extra = {} if tools is None else {"tools": tools}
-    return env.from_string(template).render(
-        messages=messages, bos_token=bos_token, eos_token=eos_token,
-        add_generation_prompt=add_generation_prompt, **extra,
-    )
+    return env.from_string(template)
